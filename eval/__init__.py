@@ -1,0 +1,1 @@
+"""Evaluation harnesses, benchmarks and experiments of vlmdistill."""

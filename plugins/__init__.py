@@ -1,0 +1,1 @@
+"""Distillation methods shipped with vlmdistill, one folder each."""

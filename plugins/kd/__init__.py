@@ -1,0 +1,1 @@
+"""Generic logit and feature distillation."""

@@ -1,0 +1,110 @@
+"""wrap / unwrap / load: the public entry points."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from .config import PluginConfig
+from .errors import ConfigError
+from .io import PLUGIN_CONFIG_NAME, PLUGIN_STATE_NAME, load_tensors, read_json
+from .model import DistillationModel, distillation_class_for
+from .registry import get_plugin
+
+
+def _split_kwargs(plugin_cls: type, kwargs: dict[str, Any]) -> tuple[dict, dict]:
+    runtime = {k: kwargs.pop(k) for k in list(kwargs) if k in plugin_cls.runtime_args}
+    return kwargs, runtime
+
+
+def build_config(plugin_cls: type, config: PluginConfig | dict | None, overrides: dict[str, Any]) -> PluginConfig:
+    config_cls = plugin_cls.config_class
+    where = f"plugin {plugin_cls.name!r} config"
+    if isinstance(config, config_cls):
+        values = config.to_dict()
+    elif config is None or isinstance(config, dict):
+        values = dict(config or {})
+    else:
+        raise ConfigError(f"{where}: expected a dict or {config_cls.__name__}, got {type(config).__name__}")
+    try:
+        return config_cls.from_dict(values, where=where, **overrides)
+    except ConfigError as exc:
+        if plugin_cls.runtime_args and "unknown key" in str(exc):
+            raise ConfigError(f"{exc}; runtime arguments: {', '.join(plugin_cls.runtime_args)}") from None
+        raise
+
+
+def wrap(model: nn.Module, plugin: str = "kd", teacher: Any = None, *, config: PluginConfig | dict | None = None,
+         **kwargs: Any) -> DistillationModel:
+    """Attach a distillation plugin to `model` and return the wrapper to train.
+
+    `teacher` is a frozen model (frozen here if it is not), `'base'` for a PEFT student whose
+    adapters are disabled to act as its own teacher, or None for plugins that build their own.
+    Config values come as keyword arguments or as `config=` (a dict or the plugin's config class);
+    unknown keys are refused with the list of valid ones. Teacher/student compatibility is checked
+    here, before any training.
+    """
+    if isinstance(model, DistillationModel):
+        raise ConfigError("model is already wrapped; call vlmdistill.unwrap(model) first")
+    plugin_cls = get_plugin(plugin)
+    overrides, runtime = _split_kwargs(plugin_cls, dict(kwargs))
+    cfg = build_config(plugin_cls, config, overrides)
+    instance = plugin_cls(cfg, **runtime)
+    instance.resolve_teacher(model, teacher)
+    instance.check_compatibility(model)
+    wrapper_cls = distillation_class_for(model, instance)
+    wrapped = wrapper_cls(model, instance)
+    try:
+        instance.attach(model, wrapped._hooks)
+    except Exception:
+        wrapped.unwrap()
+        raise
+    return wrapped
+
+
+def unwrap(wrapped: nn.Module) -> nn.Module:
+    """The original student: same object and class, hooks removed, attention implementation restored."""
+    inner = _unwrap_parallel(wrapped)
+    if not isinstance(inner, DistillationModel):
+        raise TypeError(f"expected a model returned by vlmdistill.wrap, got {type(wrapped).__name__}")
+    return inner.unwrap()
+
+
+def _unwrap_parallel(model: nn.Module) -> nn.Module:
+    """Peel DDP / DataParallel / accelerate / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.Module) and hasattr(model, "module") and isinstance(model.module, nn.Module) \
+                and not isinstance(model, DistillationModel):
+            model = model.module
+        else:
+            return model
+
+
+def load(directory: str, model: nn.Module | None = None, teacher: Any = None, **kwargs: Any) -> DistillationModel:
+    """Rebuild a wrapper from `save_pretrained(directory)` and restore the plugin state exactly.
+
+    `model`: the student object to load the saved weights into (required for non-transformers
+    students and PEFT students); None rebuilds a transformers student from its config.
+    `teacher` must be given again (teachers are never saved). Extra keyword arguments are runtime
+    arguments of the plugin (e.g. tokenizers); config values come from the saved file.
+    """
+    meta = read_json(os.path.join(directory, PLUGIN_CONFIG_NAME))
+    plugin_cls = get_plugin(meta["plugin"])
+    unknown = set(kwargs) - set(plugin_cls.runtime_args)
+    if unknown:
+        raise ConfigError(f"load(): unknown argument(s) {sorted(unknown)}; the config comes from "
+                          f"{PLUGIN_CONFIG_NAME}. Runtime arguments: {', '.join(plugin_cls.runtime_args) or '(none)'}")
+    student = plugin_cls.load_student(model, directory)
+    wrapped = wrap(student, plugin=meta["plugin"], teacher=teacher, config=meta["config"], **kwargs)
+    state = load_tensors(os.path.join(directory, PLUGIN_STATE_NAME))
+    wrapped.plugin.load_state_dict(state)
+    return wrapped
+
+
+def step_end(model: nn.Module) -> None:
+    """`model.step_end()` through any DDP / accelerate wrapping."""
+    _unwrap_parallel(model).step_end()

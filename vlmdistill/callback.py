@@ -1,0 +1,77 @@
+"""HF Trainer integration: a callback for the per-step work and logging, and an optional Trainer mixin.
+
+`DistillationCallback` is all most plugins need:
+* `on_step_end` runs `model.step_end()` once per optimizer step (not per micro-batch);
+* `on_log` adds each loss term as `distill/<name>` to the Trainer's logs and log history.
+
+`DistillationTrainerMixin` (or the ready `DistillationTrainer`) is for plugins that must see a whole
+gradient-accumulation window before its first micro-batch (momentum self-distillation computes the
+teacher keys of all micro-batches first), and it logs the terms before every reporting callback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from .api import _unwrap_parallel
+from .model import DistillationModel
+
+
+def _find_wrapper(model: Any) -> DistillationModel | None:
+    inner = _unwrap_parallel(model) if model is not None else None
+    return inner if isinstance(inner, DistillationModel) else None
+
+
+class DistillationCallback(TrainerCallback):
+    """Drives a `vlmdistill.wrap`-ped model inside `transformers.Trainer`."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        wrapper = _find_wrapper(model)
+        if wrapper is None:
+            raise TypeError("DistillationCallback needs the Trainer's model to come from vlmdistill.wrap(...)")
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        wrapper = _find_wrapper(model)
+        if wrapper is not None:
+            wrapper.step_end()
+        return control
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        wrapper = _find_wrapper(model)
+        if wrapper is None or logs is None or "loss" not in logs:
+            return control
+        terms = wrapper.pop_logged_terms()
+        logs.update(terms)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(terms)
+        return control
+
+
+class DistillationTrainerMixin:
+    """Mix into a `transformers.Trainer` subclass: `class MyTrainer(DistillationTrainerMixin, Trainer)`."""
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        wrapper = _find_wrapper(self.model)
+        if wrapper is not None and batch_samples:
+            wrapper.plugin.on_accumulation_window([self._prepare_inputs(b) for b in batch_samples])
+        return batch_samples, num_items_in_batch
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        wrapper = _find_wrapper(self.model)
+        if wrapper is not None and "loss" in logs:
+            logs.update(wrapper.pop_logged_terms())
+        super().log(logs, *args, **kwargs)
+
+
+class DistillationTrainer(DistillationTrainerMixin, Trainer):
+    """`transformers.Trainer` with `DistillationTrainerMixin` and `DistillationCallback` built in."""
+
+    def __init__(self, *args, callbacks=None, **kwargs):
+        callbacks = list(callbacks or [])
+        if not any(isinstance(c, DistillationCallback) or c is DistillationCallback for c in callbacks):
+            callbacks.append(DistillationCallback())
+        super().__init__(*args, callbacks=callbacks, **kwargs)

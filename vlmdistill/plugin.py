@@ -1,0 +1,197 @@
+"""The base class every distillation plugin derives from.
+
+A plugin is an `nn.Module` that owns what is trainable only during distillation (projections,
+adapters, heads — registered normally, so the optimiser sees them) and keeps everything else
+(the teacher, EMA copies, queues) outside module registration. Its lifecycle, driven by
+`DistillationModel`:
+
+    check_compatibility(student)     at wrap time, before anything is attached
+    attach(student, hooks)           register hooks / attention functions
+    forward(student, inputs, ...)    one training micro-batch -> DistillationResult
+    on_step_end()                    once per optimizer step (EMA, schedules, queues, stages)
+    detach(student)                  undo `attach` exactly (hooks are removed by the wrapper)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from .config import PluginConfig
+from .errors import ConfigError
+from .teachers import adapters_disabled, freeze, has_active_adapters, module_device, to_device
+
+
+@dataclasses.dataclass
+class DistillationResult:
+    """What a plugin's forward returns: the student's own output object, the total loss, its parts.
+
+    `loss_terms` values are the *weighted* contributions (they sum to `loss`, except for terms a
+    plugin reports for information, whose names it lists in `info_terms`).
+    """
+
+    output: Any
+    loss: torch.Tensor | None
+    loss_terms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+class DistillationPlugin(nn.Module):
+    #: registry name, e.g. "kd"
+    name: ClassVar[str] = ""
+    #: one line for `vlmdistill plugins`
+    description: ClassVar[str] = ""
+    config_class: ClassVar[type[PluginConfig]] = PluginConfig
+    #: "required": wrap() needs teacher=...; "optional"; "none": the plugin builds its own (EMA)
+    teacher_policy: ClassVar[str] = "required"
+    #: batch keys the plugin consumes (kept through the Trainer's column pruning, not given to the student)
+    extra_inputs: ClassVar[tuple[str, ...]] = ()
+    #: wrap() keyword arguments that are objects rather than config values (e.g. tokenizers)
+    runtime_args: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: PluginConfig, *, teacher: Any = None, **runtime: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.runtime = runtime
+        # Optimizer steps seen; a buffer so it is saved, restored and kept equal across DDP ranks.
+        self.register_buffer("global_step", torch.zeros((), dtype=torch.long))
+        self._teacher_is_student_base = False
+        self._set_teacher(teacher)
+
+    # ------------------------------------------------------------------ teacher
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self.__dict__.get("_teacher")
+
+    def _set_teacher(self, teacher: nn.Module | None) -> None:
+        # Plain attribute, not a registered submodule: absent from parameters(), state_dict(),
+        # named_modules(), .to()/.train() and DDP.
+        if isinstance(teacher, nn.Module):
+            freeze(teacher)
+        object.__setattr__(self, "_teacher", teacher)
+
+    def resolve_teacher(self, student: nn.Module, teacher: Any) -> None:
+        """Interpret wrap()'s `teacher=` argument. `"base"` = the student's weights with adapters off."""
+        if isinstance(teacher, str):
+            if teacher != "base":
+                raise ConfigError(f"teacher={teacher!r}: pass a model, None, or 'base' (PEFT adapters disabled)")
+            if not has_active_adapters(student):
+                raise ConfigError("teacher='base' needs a student carrying PEFT adapters (e.g. LoRA); "
+                                  f"{type(student).__name__} has none")
+            self._teacher_is_student_base = True
+            object.__setattr__(self, "_teacher", student)
+            return
+        if teacher is None and self.teacher_policy == "required":
+            raise ConfigError(f"plugin {self.name!r} needs a teacher: wrap(model, plugin={self.name!r}, teacher=...)")
+        if teacher is not None and self.teacher_policy == "none":
+            raise ConfigError(f"plugin {self.name!r} builds its own teacher; do not pass teacher=")
+        if teacher is student:
+            raise ConfigError("teacher is the student object itself; pass a separate (frozen) model, "
+                              "or teacher='base' for a PEFT student")
+        self._set_teacher(teacher)
+
+    @contextlib.contextmanager
+    def teacher_context(self) -> Iterator[nn.Module]:
+        """The teacher in eval mode, without autograd; for teacher='base', the student with adapters off."""
+        teacher = self.teacher
+        if teacher is None:
+            raise RuntimeError(f"plugin {self.name!r} has no teacher")
+        was_training = teacher.training
+        teacher.eval()
+        try:
+            with torch.no_grad():
+                if self._teacher_is_student_base:
+                    with adapters_disabled(teacher):
+                        yield teacher
+                else:
+                    yield teacher
+        finally:
+            if self._teacher_is_student_base:
+                teacher.train(was_training)  # the teacher *is* the student: give its mode back
+
+    def run_teacher(self, *args: Any, **kwargs: Any) -> Any:
+        """Teacher forward on the teacher's own device (inputs moved there)."""
+        with self.teacher_context() as teacher:
+            device = module_device(teacher)
+            return teacher(*to_device(args, device), **to_device(kwargs, device))
+
+    # ---------------------------------------------------------------- lifecycle
+    def check_compatibility(self, student: nn.Module) -> None:
+        """Raise `IncompatibleTeacherError` naming the mismatch. Called before attach()."""
+
+    def attach(self, student: nn.Module, hooks) -> None:
+        """Register hooks through `hooks` (a HookManager: removed automatically on unwrap)."""
+
+    def detach(self, student: nn.Module) -> None:
+        """Undo any change attach() made other than hooks (e.g. attention implementation)."""
+
+    def forward(self, student: nn.Module, inputs: dict[str, Any], extras: dict[str, Any],
+                num_items_in_batch: Any = None) -> DistillationResult:
+        raise NotImplementedError
+
+    def on_step_end(self) -> None:
+        """Per-optimizer-step work. `global_step` already counts the step just taken."""
+
+    def on_accumulation_window(self, batches: list[dict[str, Any]]) -> None:
+        """Called by `DistillationTrainerMixin` with all micro-batches of the coming optimizer step,
+        before the first of them is forwarded. Most plugins ignore it."""
+
+    # ------------------------------------------------------------- persistence
+    def hidden_state(self) -> dict[str, torch.Tensor]:
+        """Persistent tensors kept outside parameters/buffers (EMA teachers, queues). Saved with the plugin."""
+        return {}
+
+    def load_hidden_state(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"plugin {self.name!r} got unexpected hidden state keys {sorted(state)}")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, value in self.hidden_state().items():
+            destination[prefix + "hidden." + key] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        hidden_prefix = prefix + "hidden."
+        hidden = {k[len(hidden_prefix):]: state_dict[k] for k in list(state_dict) if k.startswith(hidden_prefix)}
+        expected = set(self.hidden_state())
+        if expected:
+            absent = expected - set(hidden)
+            if absent and strict:
+                missing_keys.extend(hidden_prefix + k for k in sorted(absent))
+            if not absent:
+                self.load_hidden_state(hidden)
+        elif hidden and strict:
+            unexpected_keys.extend(hidden_prefix + k for k in hidden)
+        rest = {k: v for k, v in state_dict.items() if not k.startswith(hidden_prefix)}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def save_student(self, student: nn.Module, directory: str) -> None:
+        """Write the student in its native format. Override for non-HF models or other exports."""
+        from .io import save_student
+
+        save_student(student, directory)
+
+    @classmethod
+    def load_student(cls, student: nn.Module | None, directory: str) -> nn.Module:
+        """Inverse of `save_student`, used by `vlmdistill.load`."""
+        from .io import load_student
+
+        return load_student(directory, into=student)
+
+    # ----------------------------------------------------------------- helpers
+    @staticmethod
+    def normaliser(local_count: torch.Tensor | int, num_items_in_batch: Any) -> torch.Tensor | int:
+        """Denominator of a summed loss: the accumulation window's item count when the Trainer gives it
+        (so k micro-batches equal one k× batch), else the local count."""
+        if num_items_in_batch is not None:
+            return num_items_in_batch
+        if isinstance(local_count, torch.Tensor):
+            return local_count.clamp_min(1)
+        return max(int(local_count), 1)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, teacher={type(self.teacher).__name__ if self.teacher is not None else None}"
