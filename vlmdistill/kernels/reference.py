@@ -35,8 +35,7 @@ def attention_from_mask(q, k, v, allowed, scale):
     hkv = k.shape[1]
     lse_dtype = compute
     if k.shape[2] == 0:
-        out = q.new_zeros(q.shape) + 0.0 * q  # keeps q in the graph so autograd returns zeros, not None
-        return out, torch.full((b, hq, tq), float("-inf"), dtype=lse_dtype, device=q.device)
+        return torch.zeros_like(q), torch.full((b, hq, tq), float("-inf"), dtype=lse_dtype, device=q.device)
     qg = q.to(compute).reshape(b, hkv, hq // hkv, tq, d)
     scores = torch.einsum("bhgqd,bhkd->bhgqk", qg, k.to(compute)) * scale
     scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))

@@ -1,0 +1,1 @@
+"""Local data for demos and experiments: nothing here downloads anything."""
