@@ -28,11 +28,8 @@ from .teachers import adapters_disabled, freeze, has_active_adapters, module_dev
 
 @dataclasses.dataclass
 class DistillationResult:
-    """What a plugin's forward returns: the student's own output object, the total loss, its parts.
-
-    `loss_terms` values are the *weighted* contributions (they sum to `loss`, except for terms a
-    plugin reports for information, whose names it lists in `info_terms`).
-    """
+    """What a plugin's forward returns: the student's own output object, the total loss, and its
+    named parts (unweighted values, logged as `distill/<name>`; `loss` combines them)."""
 
     output: Any
     loss: torch.Tensor | None
@@ -51,6 +48,8 @@ class DistillationPlugin(nn.Module):
     extra_inputs: ClassVar[tuple[str, ...]] = ()
     #: wrap() keyword arguments that are objects rather than config values (e.g. tokenizers)
     runtime_args: ClassVar[tuple[str, ...]] = ()
+    #: "module:function" run by `vlmdistill demo <name>` (function takes an argv list, returns an exit code)
+    demo: ClassVar[str | None] = None
 
     def __init__(self, config: PluginConfig, *, teacher: Any = None, **runtime: Any) -> None:
         super().__init__()
