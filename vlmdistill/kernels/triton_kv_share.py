@@ -26,9 +26,9 @@ from .inputs import MaskSpec, Shapes
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LOG2E = 1.4426950408889634
-_FAR: tl.constexpr = 1 << 30  # beyond any position or segment id: neutral element of the tile min/max
-_LN2: tl.constexpr = 0.6931471805599453
-_LOG2E: tl.constexpr = 1.4426950408889634
+_FAR = tl.constexpr(1 << 30)  # beyond any position or segment id: neutral element of the tile min/max
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 SHARED, OWN = 0, 1
 SKIPPED, FULL, MASKED = 0, 1, 2
@@ -42,18 +42,22 @@ class KernelConfig:
     num_stages: int = 2
 
 
-def default_forward_config(head_dim: int) -> KernelConfig:
+def default_forward_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
     if INTERPRETING:
         # The interpreter pays per program and per loop step, not per element: big tiles are cheapest.
         return KernelConfig(block_m=128, block_n=64)
+    if dtype == torch.float32:  # 4-byte tiles: halve them to stay within registers and shared memory
+        return KernelConfig(block_m=64, block_n=32, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
     if head_dim <= 64:
         return KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
     return KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
 
 
-def default_backward_config(head_dim: int) -> KernelConfig:
+def default_backward_config(head_dim: int, dtype: torch.dtype = torch.bfloat16) -> KernelConfig:
     if INTERPRETING:
         return KernelConfig(block_m=64, block_n=64)
+    if dtype == torch.float32:
+        return KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
     return KernelConfig(block_m=64, block_n=64, num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
@@ -421,7 +425,7 @@ def two_source_forward(q, k_shared, v_shared, k_own, v_own, masks: MaskSpec, sha
     """Launch the forward kernel. `masks` must come from `MaskSpec.for_kernel()`. `out`/`lse` may be given
     (any strides) to write into; `tile_stats` (int32, 6 elements, zeroed) receives the number of skipped /
     full / masked tiles for the shared then the own source."""
-    config = config or default_forward_config(shapes.head_dim)
+    config = config or default_forward_config(shapes.head_dim, q.dtype)
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if lse is None:
@@ -472,7 +476,7 @@ def two_source_backward(q, k_shared, v_shared, k_own, v_own, out, lse, d_out, ma
                         scale: float, needs: tuple[bool, bool, bool], config: KernelConfig | None = None):
     """Gradients (dq, (dk_shared, dv_shared), (dk_own, dv_own)); an entry is None when `needs` says so.
     `needs` = (q, shared K/V, own K/V)."""
-    config = config or default_backward_config(shapes.head_dim)
+    config = config or default_backward_config(shapes.head_dim, q.dtype)
     lse = lse.contiguous()
     delta = (d_out.float() * out.float()).sum(dim=-1).contiguous()  # rowsum(dO * O), [B, Hq, Tq]
     need_q, need_shared, need_own = needs
