@@ -50,6 +50,8 @@ class DistillationPlugin(nn.Module):
     runtime_args: ClassVar[tuple[str, ...]] = ()
     #: "module:function" run by `vlmdistill demo <name>` (function takes an argv list, returns an exit code)
     demo: ClassVar[str | None] = None
+    #: extra `vlmdistill` sub-commands: {"name": "module:function"} (function takes an argv list)
+    commands: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: PluginConfig, *, teacher: Any = None, **runtime: Any) -> None:
         super().__init__()

@@ -236,6 +236,10 @@ def _translate(spec: TaskSpec, language: str, classnames: Sequence[str] | None, 
             raise ConfigError(f"task {spec.name!r} is {spec.language}; English class names must be given")
         return spec.with_classnames(classnames, language="en")
     templates = chinese_template_set(spec.name)[1]
+    if spec.name in _CUSTOM_CHINESE:
+        custom_names, custom_templates = _CUSTOM_CHINESE[spec.name]
+        templates = custom_templates or templates
+        classnames = classnames if classnames is not None else custom_names
     if spec.name == REFERENCE_TASK and classnames is None:
         classnames, benchmark_templates = imagenet_chinese(zh_source)
         templates = benchmark_templates or templates
@@ -248,7 +252,9 @@ def _translate(spec: TaskSpec, language: str, classnames: Sequence[str] | None, 
 # ---------------------------------------------------------------- custom tasks from YAML
 
 _YAML_KEYS = {"classnames", "classnames_file", "templates", "metric", "multilabel", "language",
-              "annotation_format", "splits", "in_benchmark"}
+              "annotation_format", "splits", "in_benchmark", "classnames_zh", "templates_zh"}
+# name -> (Chinese class names or None, Chinese templates or None) of custom tasks
+_CUSTOM_CHINESE: dict[str, tuple[list[str] | None, list[str] | None]] = {}
 
 
 def load_custom_tasks(path: str | os.PathLike, register: bool = True) -> list[TaskSpec]:
@@ -271,6 +277,8 @@ def load_custom_tasks(path: str | os.PathLike, register: bool = True) -> list[Ta
     specs = []
     for name, entry in document["tasks"].items():
         specs.append(_custom_spec(path, str(name), entry))
+        if register and (entry.get("classnames_zh") or entry.get("templates_zh")):
+            _CUSTOM_CHINESE[str(name)] = (entry.get("classnames_zh"), entry.get("templates_zh"))
     if register:
         for spec in specs:
             _CUSTOM_TASKS[spec.name] = spec

@@ -55,6 +55,7 @@ class KDPlugin(DistillationPlugin):
     config_class = KDConfig
     teacher_policy = "required"
     runtime_args = ("student_tokenizer", "teacher_tokenizer")
+    demo = "vlmdistill.eval.experiments.kd:main"
 
     def __init__(self, config: KDConfig, **runtime: Any) -> None:
         super().__init__(config, **runtime)

@@ -1,0 +1,118 @@
+"""The `vlmdistill` command line.
+
+    vlmdistill plugins [-v]             installed plugins, one line each (-v: their config fields)
+    vlmdistill train RECIPE.yaml [--set training.max_steps=10 ...] [--dry-run]
+    vlmdistill demo [PLUGIN] [-- demo arguments]
+    vlmdistill eval elevater ...        zero-shot evaluation (see `vlmdistill eval elevater -h`)
+
+Plugins may add sub-commands through their `commands` attribute ({"name": "module:function"}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Callable
+
+from .errors import VLMDistillError
+from .registry import get_plugin, list_plugins
+
+DEFAULT_DEMO = "kd"
+
+
+def _resolve(target: str) -> Callable:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def cmd_plugins(args) -> int:
+    for name in list_plugins():
+        cls = get_plugin(name)
+        print(f"{name:14s} {cls.description}")
+        if args.verbose:
+            for field, type_name, default, help_text in cls.config_class.describe():
+                print(f"    {field:24s} {type_name:28s} default={default!r}  {help_text}")
+            print()
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .recipes import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.dry_run:
+        print(json.dumps(recipe.to_dict(), indent=2, default=str))
+        return 0
+    summary = run_recipe(recipe)
+    summary.pop("log_history", None)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    cls = get_plugin(args.plugin)
+    if not cls.demo:
+        print(f"plugin {args.plugin!r} has no demo", file=sys.stderr)
+        return 2
+    return int(_resolve(cls.demo)(list(args.demo_args)) or 0)
+
+
+def _add_eval(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="evaluation harnesses")
+    inner = parser.add_subparsers(dest="harness", required=True)
+    try:
+        from vlmdistill.eval.elevater.cli import add_elevater_parser
+    except ImportError:
+        return
+    add_elevater_parser(inner)
+
+
+def _plugin_commands() -> dict[str, str]:
+    commands = {}
+    for name in list_plugins():
+        commands.update(getattr(get_plugin(name), "commands", {}) or {})
+    return commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmdistill", description="Distillation plugins for vision-language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list installed plugins")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list each plugin's config fields")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("train", help="run a YAML recipe")
+    p.add_argument("recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set training.max_steps=10")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the recipe, then stop")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="run a plugin's demo experiment")
+    p.add_argument("plugin", nargs="?", default=DEFAULT_DEMO)
+    p.add_argument("demo_args", nargs=argparse.REMAINDER, help="arguments passed to the demo")
+    p.set_defaults(func=cmd_demo)
+
+    _add_eval(sub)
+    for name, target in _plugin_commands().items():
+        p = sub.add_parser(name, help=f"plugin command ({target.split(':')[0]})", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda a, target=target: int(_resolve(target)(list(a.rest)) or 0))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except VLMDistillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
