@@ -18,8 +18,7 @@ def visibility_mask(masks: MaskSpec) -> torch.Tensor:
     if masks.has_segments:
         seg_k = torch.cat([masks.seg_shared, masks.seg_own], dim=1)
         allowed &= seg_k[:, None, :] == masks.seg_q[:, :, None]
-    valid = [v if v is not None else torch.ones_like(p, dtype=torch.bool)
-             for v, p in ((masks.valid_shared, masks.pos_shared), (masks.valid_own, masks.pos_own))]
+    valid = [_valid_or_ones(masks.valid_shared, masks.pos_shared), _valid_or_ones(masks.valid_own, masks.pos_own)]
     allowed &= torch.cat(valid, dim=1)[:, None, :]
     return allowed
 
@@ -68,4 +67,13 @@ def attention_from_masks(q, k_shared, v_shared, k_own, v_own, masks: MaskSpec, s
     """Reference on already-normalised metadata (used by the dispatcher)."""
     k = torch.cat([k_shared, k_own], dim=2)
     v = torch.cat([v_shared, v_own], dim=2)
+    # Padded slots may hold garbage (even NaN); 0 * NaN would leak it through the probabilities' zeros.
+    valid = torch.cat([_valid_or_ones(masks.valid_shared, masks.pos_shared),
+                       _valid_or_ones(masks.valid_own, masks.pos_own)], dim=1)[:, None, :, None]
+    k = torch.where(valid, k, torch.zeros((), dtype=k.dtype, device=k.device))
+    v = torch.where(valid, v, torch.zeros((), dtype=v.dtype, device=v.device))
     return attention_from_mask(q, k, v, visibility_mask(masks), scale)
+
+
+def _valid_or_ones(valid, pos):
+    return valid if valid is not None else torch.ones_like(pos, dtype=torch.bool)

@@ -146,10 +146,10 @@ def _attend_one_source(acc, m_i, l_i, q, q_pos, q_seg, q_pos_lo, q_pos_hi, q_seg
         if skip:
             n_skipped += 1
         else:
-            in_range = offs_n < n_keys
-            k_t = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=in_range[None, :],
+            # Invisible keys load as 0: garbage (even NaN) in padded slots never reaches the output.
+            k_t = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=k_visible[None, :],
                           other=0.0)
-            v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=in_range[:, None],
+            v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=k_visible[:, None],
                         other=0.0)
             if CAST_FP32:
                 k_t = k_t.to(tl.float32)
@@ -270,9 +270,9 @@ def _two_source_bwd_dkv_kernel(
     k_pos, k_seg, k_visible = _load_key_meta(PosK + b * n_keys, SegK + b * n_keys, ValidK + b * n_keys, offs_n,
                                              n_keys, HAS_SEG, HAS_VALID)
     k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                mask=in_range[:, None], other=0.0)
+                mask=k_visible[:, None], other=0.0)
     v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                mask=in_range[:, None], other=0.0)
+                mask=k_visible[:, None], other=0.0)
     if CAST_FP32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -328,10 +328,9 @@ def _dq_one_source(dq, q, do, lse2, delta, q_pos, q_seg, q_pos_lo, q_pos_hi, q_s
         k_pos, k_seg, k_visible = _load_key_meta(Pos, Seg, Valid, offs_n, n_keys, HAS_SEG, HAS_VALID)
         skip, full = _classify_tile(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, k_pos, k_seg, k_visible, BLOCK_N)
         if not skip:
-            in_range = offs_n < n_keys
-            k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=in_range[:, None],
+            k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=k_visible[:, None],
                         other=0.0)
-            v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=in_range[:, None],
+            v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=k_visible[:, None],
                         other=0.0)
             if CAST_FP32:
                 k = k.to(tl.float32)
