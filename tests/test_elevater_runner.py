@@ -1,0 +1,185 @@
+"""End to end: oracle scores, classifier cache, protocols, result records, reports and the CLI."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from vlmdistill.eval.elevater import dataset_writers as writers
+from vlmdistill.eval.elevater import evaluate_zero_shot, get_protocol, get_task, read_dataset
+from vlmdistill.eval.elevater.adapters import adapter_for
+from vlmdistill.eval.elevater.cli import main as cli_main
+from vlmdistill.eval.elevater.demo import DIGIT_NAMES, digits_images, digits_task
+from vlmdistill.eval.elevater.report import plot_results, write_result_json, write_summary
+from vlmdistill.eval.elevater.tasks import TaskSpec
+from vlmdistill.eval.elevater.testing import (TINY_OPEN_CLIP_CONFIG, oracle_adapter, stripe_image,
+                                              tiny_open_clip)
+
+CLIP_BENCHMARK_KEYS = {"dataset", "model", "pretrained", "task", "language", "metrics"}
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    images, labels = digits_images(size=32)
+    keep = np.concatenate([np.flatnonzero(labels == c)[:4] for c in range(10)])
+    root = tmp_path_factory.mktemp("digits")
+    writers.write_iris(str(root), [images[i] for i in keep], [(int(labels[i]),) for i in keep], DIGIT_NAMES["en"])
+    (root / "label_cn.txt").write_text("\n".join(DIGIT_NAMES["zh"]) + "\n", encoding="utf-8")
+    return root
+
+
+def _oracle_data(tmp_path, classnames, labels, fmt):
+    images = [stripe_image(positives, len(classnames)) for positives in labels]
+    if fmt == "coco":
+        writers.write_coco(str(tmp_path), images, labels, classnames)
+    else:
+        writers.write_iris(str(tmp_path), images, labels, classnames)
+    return read_dataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("protocol", ["elevater", "clip_benchmark"])
+def test_oracle_scores_one_on_every_metric_multiclass(tmp_path, protocol):
+    task = TaskSpec("oracle-10", [f"class{i}" for i in range(10)], ["a photo of a {}.", "art of the {c}"])
+    labels = [(i % 10,) for i in range(40)]
+    data = _oracle_data(tmp_path, task.classnames, labels, "coco")
+    result = evaluate_zero_shot(oracle_adapter(task.classnames), task, data, protocol, batch_size=16, progress=False)
+    assert set(result["metrics"]) == {"acc1", "acc5", "mean_per_class_recall", "map_11point",
+                                      "mean_average_precision", "roc_auc"}
+    assert all(value == 1.0 for value in result["metrics"].values()), result["metrics"]
+
+
+def test_oracle_scores_one_on_every_metric_multilabel(tmp_path):
+    task = TaskSpec("oracle-ml", [f"class{i}" for i in range(6)], ["{}"], metric="11point_mAP", multilabel=True)
+    rng = np.random.default_rng(0)
+    labels = [tuple(sorted(rng.choice(6, size=rng.integers(1, 4), replace=False).tolist())) for _ in range(30)]
+    data = _oracle_data(tmp_path, task.classnames, labels, "iris")
+    result = evaluate_zero_shot(oracle_adapter(task.classnames), task, data, progress=False)
+    assert result["primary_metric"] == "map_11point"
+    assert all(value == 1.0 for value in result["metrics"].values()), result["metrics"]
+
+
+def test_a_wrong_model_does_not_score_one(tmp_path):
+    task = TaskSpec("oracle-10", [f"class{i}" for i in range(10)], ["{}"])
+    labels = [(i % 10,) for i in range(20)]
+    data = _oracle_data(tmp_path, task.classnames, labels, "iris")
+    shifted = TaskSpec("shifted", [f"class{(i + 1) % 10}" for i in range(10)], ["{}"])   # names rotated by one
+    result = evaluate_zero_shot(oracle_adapter(task.classnames), shifted, data, progress=False)
+    assert result["metrics"]["acc1"] == 0.0
+
+
+def test_classifier_cache_hit_skips_text_encoding_and_invalidates(tmp_path, digits_dir):
+    model, tokenizer = tiny_open_clip()
+    adapter = adapter_for(model, tokenizer)
+    data = read_dataset(str(digits_dir))
+    cache = str(tmp_path / "cache")
+    run = lambda task: evaluate_zero_shot(adapter, task, data, cache_dir=cache, progress=False)  # noqa: E731
+    first = run(digits_task("en"))
+    calls = adapter.text_encoder_calls
+    assert not first["classifier"]["cache_hit"] and calls > 0
+    second = run(digits_task("en"))
+    assert second["classifier"]["cache_hit"] and adapter.text_encoder_calls == calls   # no text encoded
+    assert second["metrics"] == first["metrics"]
+    changed_templates = run(digits_task("en").with_templates(["the number {}"]))
+    changed_names = run(digits_task("en").with_classnames([f"#{i}" for i in range(10)]))
+    assert not changed_templates["classifier"]["cache_hit"] and not changed_names["classifier"]["cache_hit"]
+    with torch.no_grad():
+        model.token_embedding.weight[5] += 0.1      # any weight change must miss the cache
+    changed_weights = run(digits_task("en"))
+    assert not changed_weights["classifier"]["cache_hit"]
+    assert len(os.listdir(cache)) == 4
+
+
+def test_protocols_switch_their_knobs(digits_dir):
+    model, tokenizer = tiny_open_clip()
+    data = read_dataset(str(digits_dir))
+    elevater = evaluate_zero_shot(model, digits_task("en"), data, "elevater",
+                                  tokenizer=tokenizer, progress=False)
+    benchmark = evaluate_zero_shot(model, digits_task("en"), data, "clip_benchmark", tokenizer=tokenizer,
+                                   progress=False)
+    assert elevater["metrics"]["acc1"] == benchmark["metrics"]["acc1"]          # argmax is unchanged
+    assert benchmark["protocol"]["scores"] == "logits100" and benchmark["protocol"]["transform"] == "model"
+    chinese = evaluate_zero_shot(model, digits_task("zh"), data, "cnclip_zh", tokenizer=tokenizer, progress=False)
+    assert chinese["language"] == "zh" and chinese["primary_metric"] == "acc1"
+    assert chinese["task_spec"]["spec_hash"] != elevater["task_spec"]["spec_hash"]
+    assert get_protocol("elevater", language="zh").language == "zh"
+    caltech = get_task("caltech-101")
+    assert get_protocol("cnclip_zh").primary == "acc1" and caltech.metric == "mean-per-class"
+
+
+def test_fp32_protocol_restores_the_models_dtype_and_device(digits_dir):
+    model, tokenizer = tiny_open_clip()
+    model.to(torch.bfloat16)
+    result = evaluate_zero_shot(model, digits_task("en"), read_dataset(str(digits_dir)), tokenizer=tokenizer,
+                                progress=False)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert result["protocol"]["precision"] == "fp32"
+
+
+def test_result_json_summary_chart_and_predictions(tmp_path, digits_dir):
+    model, tokenizer = tiny_open_clip()
+    data = read_dataset(str(digits_dir))
+    predictions = tmp_path / "pred.json"
+    result = evaluate_zero_shot(adapter_for(model, tokenizer, name="tiny", pretrained="ckpt.pt"), digits_task("en"),
+                                data, predictions_path=str(predictions), progress=False)
+    path = write_result_json(result, str(tmp_path / "results"))
+    loaded = json.loads(open(path, encoding="utf-8").read())
+    assert CLIP_BENCHMARK_KEYS <= set(loaded)
+    assert loaded["task"] == "zeroshot_classification" and loaded["model"] == "tiny"
+    assert all(0.0 <= v <= 1.0 for v in loaded["metrics"].values())
+    for key in ("protocol", "task_spec", "data", "num_samples", "runtime_s", "primary_metric", "primary_value"):
+        assert key in loaded, key
+    assert set(loaded["task_spec"]) >= {"spec_hash", "classnames_hash", "templates_hash"}
+    assert loaded["data"]["reader"] == "iris" and loaded["num_samples"] == len(data) == 40
+    assert loaded["runtime_s"]["total"] > 0
+    record = json.loads(predictions.read_text())
+    assert np.array(record["test_predictions"]).shape == (40, 10)
+    assert np.allclose(np.array(record["test_predictions"]).sum(1), 1.0, atol=1e-4)   # softmax rows
+    assert record["image_labels"] == [lab[0] for lab in data.labels]
+    csv_path, md_path = write_summary([result], str(tmp_path))
+    rows = list(csv.DictReader(open(csv_path)))
+    assert rows[0]["dataset"] == "digits" and float(rows[0]["score"]) == pytest.approx(100 * result["primary_value"], abs=0.01)
+    assert "| digits |" in open(md_path).read()
+    chart = plot_results([result], str(tmp_path / "chart.png"))
+    assert open(chart, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_averages_the_benchmark_datasets_only():
+    def fake(dataset, value):
+        return {"dataset": dataset, "model": "m", "language": "en", "protocol": {"name": "elevater"},
+                "primary_metric": "acc1", "primary_value": value, "metrics": {"acc1": value},
+                "elevater_metric": "accuracy", "elevater_metric_value": value, "num_samples": 10}
+
+    from vlmdistill.eval.elevater.report import summary_rows
+
+    rows = summary_rows([fake("cifar-10", 0.5), fake("mnist", 0.7), fake("imagenet-1k", 0.1)])
+    average = [r for r in rows if r["dataset"].startswith("ELEVATER average")]
+    assert average[0]["dataset"] == "ELEVATER average (2/20)" and average[0]["score"] == "60.00"
+
+
+def test_cli_end_to_end_with_custom_open_clip_checkpoint(tmp_path, digits_dir, capsys):
+    model, _ = tiny_open_clip(seed=1)
+    checkpoint = tmp_path / "model.pt"
+    torch.save(model.state_dict(), checkpoint)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    (tmp_path / "tasks.yaml").write_text(
+        "tasks:\n  digits:\n    classnames: [zero, one, two, three, four, five, six, seven, eight, nine]\n"
+        "    templates: ['a photo of the digit {}.']\n    templates_zh: ['数字{}的照片']\n")
+    out = tmp_path / "out"
+    common = ["--model", "tiny-cli", "--model-config", str(config), "--pretrained", str(checkpoint),
+              "--data-root", str(digits_dir), "--datasets", "digits", "--tasks-yaml", str(tmp_path / "tasks.yaml"),
+              "--output-dir", str(out), "--batch-size", "16", "--no-progress"]
+    assert cli_main(common + ["--save-predictions"]) == 0
+    assert cli_main(common + ["--protocol", "cnclip_zh"]) == 0     # label_cn.txt found next to the data
+    results = sorted(os.listdir(out / "results"))
+    assert results == ["tiny-cli__digits__en.json", "tiny-cli__digits__zh.json"]
+    chinese = json.loads((out / "results" / results[1]).read_text(encoding="utf-8"))
+    assert chinese["language"] == "zh" and chinese["protocol"]["name"] == "cnclip_zh"
+    assert os.path.isfile(out / "summary.csv") and os.path.isfile(out / "zero_shot.png")
+    assert os.listdir(out / "predictions") == ["digits_en_elevater_predictions.json"]
+    assert "digits" in capsys.readouterr().out
+    assert cli_main(["--model", "tiny-cli", "--data-root", str(tmp_path / "missing"), "--datasets", "x",
+                     "--no-progress"]) == 2
