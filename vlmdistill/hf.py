@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 from .teachers import is_peft_model
@@ -67,6 +68,9 @@ def infer_width(module: nn.Module) -> int | None:
     shape = getattr(module, "normalized_shape", None)
     if shape:
         return int(shape[-1])
+    weight = getattr(module, "weight", None)
+    if "Norm" in type(module).__name__ and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return weight.shape[0]  # RMSNorm-style modules keep only a per-channel weight
     config = getattr(module, "config", None)
     if config is not None and isinstance(getattr(config, "hidden_size", None), int):
         return config.hidden_size

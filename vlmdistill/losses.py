@@ -19,7 +19,10 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """Z-score each row (Sun et al., CVPR 2024, 'Logit Standardization in Knowledge Distillation')."""
+    """Z-score each row (Sun et al., CVPR 2024, 'Logit Standardization in Knowledge Distillation'),
+    in at least float32."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     mean = logits.mean(dim=-1, keepdim=True)
     std = logits.std(dim=-1, keepdim=True)
     return (logits - mean) / (std + eps)
@@ -55,14 +58,16 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, weights, kind, temperature, beta, chunk_rows):
         needs_grad = ctx.needs_input_grad[0]
-        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        # fp32 at least (bf16/fp16 inputs), float64 kept for float64 inputs (reference checks).
+        work = torch.float64 if student.dtype == torch.float64 else torch.float32
+        total = torch.zeros((), dtype=work, device=student.device)
         grad = torch.empty_like(student) if needs_grad else None
         for start in range(0, student.shape[0], chunk_rows):
             stop = min(start + chunk_rows, student.shape[0])
-            s = student[start:stop].float()
-            t = teacher[start:stop].to(device=student.device, dtype=torch.float32)
+            s = student[start:stop].to(work)
+            t = teacher[start:stop].to(device=student.device, dtype=work)
             rows, g = _rows_loss_and_grad(s, t, kind, temperature, beta)
-            w = weights[start:stop].float() if weights is not None else None
+            w = weights[start:stop].to(work) if weights is not None else None
             total += (rows * w).sum() if w is not None else rows.sum()
             if needs_grad:
                 grad[start:stop] = (g * w.unsqueeze(-1) if w is not None else g).to(grad.dtype)
@@ -79,7 +84,8 @@ class _ChunkedDivergence(torch.autograd.Function):
 def divergence_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, kind: Divergence = "forward_kl",
                     temperature: float = 1.0, jsd_beta: float = 0.5, weights: torch.Tensor | None = None,
                     chunk_rows: int = 1024) -> torch.Tensor:
-    """Σ_i w_i · τ² · D(softmax(t_i/τ), softmax(s_i/τ)) over rows of `[N, V]` logits (a scalar, fp32).
+    """Σ_i w_i · τ² · D(softmax(t_i/τ), softmax(s_i/τ)) over rows of `[N, V]` logits (a scalar, fp32;
+    float64 for float64 inputs).
 
     The teacher side carries no gradient. Divide by your normaliser (token or sample count) outside.
     """

@@ -116,7 +116,7 @@ class KDPlugin(DistillationPlugin):
         t_logits = t_out["logits"] if isinstance(t_out, dict) else t_out.logits
         s_sel, t_sel, count = self._select(s_logits, t_logits, rows, shifts, "logits_to_keep" in teacher_inputs)
         if cfg.logit_standardization:
-            s_sel, t_sel = standardize_logits(s_sel.float()), standardize_logits(t_sel.float())
+            s_sel, t_sel = standardize_logits(s_sel), standardize_logits(t_sel)
         denom = self.normaliser(count, num_items_in_batch if labels is not None else None)
         kd = divergence_loss(s_sel, t_sel, kind=cfg.divergence, temperature=cfg.temperature,
                              jsd_beta=cfg.jsd_beta, chunk_rows=cfg.chunk_rows) / denom
