@@ -1,0 +1,1 @@
+"""Benchmark scripts (GPU timings with a CPU smoke path)."""
