@@ -42,8 +42,8 @@ def embeddings_from_output(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def normalised(x: torch.Tensor) -> torch.Tensor:
-    # fp32 for the similarity matrices: a bf16 student's logits over B + K keys would lose precision.
-    return F.normalize(x.float(), dim=-1)
+    # At least fp32 for the similarity matrices: a bf16 student's logits over B + K keys would lose precision.
+    return F.normalize(x.float() if x.element_size() < 4 else x, dim=-1)
 
 
 def model_logit_scale(model: nn.Module) -> torch.Tensor | None:
@@ -61,7 +61,7 @@ def forward_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]
 
 
 class EmbeddingReader:
-    """Runs a dual encoder and returns (output, image embeddings, text embeddings), both L2-normalised fp32."""
+    """Runs a dual encoder and returns (output, image embeddings, text embeddings), L2-normalised, fp32 or wider."""
 
     def __init__(self, model: nn.Module, hooks=None, image_module: str | None = None,
                  text_module: str | None = None, role: str = "model") -> None:

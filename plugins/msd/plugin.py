@@ -168,14 +168,15 @@ class MSDPlugin(DistillationPlugin):
             window = self._build_window([inputs], gather=False, implicit=True)
             index = window.claim(inputs)
         output, image, text = self._student_reader.run(student, inputs)
-        image_keys, text_keys = window.image_keys.to(image.device), window.text_keys.to(image.device)
+        image_keys = window.image_keys.to(image.device, image.dtype)
+        text_keys = window.text_keys.to(image.device, image.dtype)
         queued_image, queued_text = self.queues.keys()
         if queued_image is not None:
-            image_keys = torch.cat([image_keys, queued_image.T.to(image.device)])
-            text_keys = torch.cat([text_keys, queued_text.T.to(image.device)])
+            image_keys = torch.cat([image_keys, queued_image.T.to(image.device, image.dtype)])
+            text_keys = torch.cat([text_keys, queued_text.T.to(image.device, image.dtype)])
         offset = window.offsets[index]
         positives = torch.arange(offset, offset + image.shape[0], device=image.device)
-        scale = self.logit_scale().to(image.device, torch.float32)
+        scale = self.logit_scale().to(image.device, image.dtype)
         i2t, t2i = momentum_contrastive_rows(image, text, image_keys, text_keys, positives,
                                              alpha=self.current_alpha(), logit_scale=scale)
         rows = 0.5 * (i2t + t2i)

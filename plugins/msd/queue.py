@@ -21,9 +21,9 @@ class KeyQueues:
     def allocated(self) -> bool:
         return self.image.dim() == 2
 
-    def _allocate(self, dim: int, device: torch.device) -> None:
-        self.image = torch.zeros(dim, self.size, dtype=torch.float32, device=device)
-        self.text = torch.zeros(dim, self.size, dtype=torch.float32, device=device)
+    def _allocate(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.image = torch.zeros(dim, self.size, dtype=dtype, device=device)
+        self.text = torch.zeros(dim, self.size, dtype=dtype, device=device)
 
     def keys(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The filled columns `[D, filled]` of each queue (None while empty)."""
@@ -38,7 +38,7 @@ class KeyQueues:
         if self.size == 0:
             return
         if not self.allocated:
-            self._allocate(image_keys.shape[1], image_keys.device)
+            self._allocate(image_keys.shape[1], image_keys.dtype, image_keys.device)
         if self.image.device != image_keys.device:
             self.image, self.text = self.image.to(image_keys.device), self.text.to(image_keys.device)
         n = image_keys.shape[0]
