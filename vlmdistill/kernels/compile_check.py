@@ -1,7 +1,8 @@
 """Compile the Triton kernels for a CUDA architecture without a GPU (ahead-of-time, to PTX and cubin).
 
 The interpreter that runs the kernels on a CPU is more permissive than the compiler (it accepts, for example,
-non-constexpr globals); this check catches what only the compiler rejects. It needs TRITON_INTERPRET unset:
+non-constexpr globals); this check catches what only the compiler rejects, and reports whether the loops' loads
+were software-pipelined (async copies in the compiled IR). It needs TRITON_INTERPRET unset:
 
     python -m vlmdistill.kernels.compile_check --arch 90
 """
@@ -28,7 +29,7 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict:
         elif name in _INT_POINTERS:
             signature[name] = "*i32"
         elif name in _FLAG_POINTERS:
-            signature[name] = "*u8"
+            signature[name] = "*i1"
         elif name in _FP32_POINTERS:
             signature[name] = "*fp32"
         elif name[0].isupper():
@@ -87,7 +88,10 @@ def compile_all(arch: int, quick: bool = False) -> list[dict]:
         results.append({"kernel": name, "dtype": dtype, "head_dim": constexprs["HEAD_DIM"],
                         "block_m": constexprs["BLOCK_M"], "block_n": constexprs["BLOCK_N"], "num_warps": num_warps,
                         "num_stages": num_stages, "shared_bytes": compiled.metadata.shared,
-                        "cubin_bytes": len(compiled.asm["cubin"]), "seconds": round(time.perf_counter() - start, 2)})
+                        "cubin_bytes": len(compiled.asm["cubin"]),
+                        # > 0 when the software pipeliner turned the loop's K/V (or Q/dO) loads into async copies
+                        "async_copies": compiled.asm["ttgir"].count("async_copy_global_to_local"),
+                        "seconds": round(time.perf_counter() - start, 2)})
     return results
 
 

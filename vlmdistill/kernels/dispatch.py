@@ -94,8 +94,9 @@ def two_source_attention(q, k_shared, v_shared, k_own, v_own, *, pos_q, pos_shar
       valid_shared / valid_own       [B, Ts] / [B, Tt] bool key validity (padding = False); None = all valid
     Per-token tensors may also be [1, T] or [T] (broadcast over the batch). Ts or Tt may be 0.
 
-    Query i reads key j iff pos_j <= pos_i and seg_j == seg_i and valid_j. K/V are never expanded for GQA: query
-    head h reads kv head h // (Hq // Hkv), as in transformers' `repeat_kv`.
+    Query i reads key j iff pos_j <= pos_i and seg_j == seg_i and valid_j. Invalid key slots are never read (they
+    may hold garbage, even NaN). K/V are never expanded for GQA: query head h reads kv head h // (Hq // Hkv), as in
+    transformers' `repeat_kv`. Positions need not be sorted; sorted keys let the kernel skip more work.
 
     Returns `(out, lse)`: out [B, Hq, Tq, D] in q's dtype, lse [B, Hq, Tq] float32 natural-log
     log-sum-exp of the scaled scores over the visible keys. A query that sees no key at all gets out = 0 and
@@ -106,7 +107,10 @@ def two_source_attention(q, k_shared, v_shared, k_own, v_own, *, pos_q, pos_shar
       "torch" (reference; any device; float64 inputs give float64 lse) or "triton" (raises if it cannot run).
 
     Gradients: both backends differentiate `out` with respect to q and all four K/V tensors (the Triton backend
-    with its own backward kernels); lse carries no gradient.
+    with its own backward kernels, computing only the gradients autograd asks for); lse carries no gradient.
+
+    On a CPU, backend="triton" runs the kernel through the Triton interpreter, which needs TRITON_INTERPRET=1 in the
+    environment before triton is first imported (importing vlmdistill imports it).
     """
     shapes = check_tensors(q, k_shared, v_shared, k_own, v_own)
     masks = normalize_masks(shapes, q.device, pos_q=pos_q, pos_shared=pos_shared, pos_own=pos_own, seg_q=seg_q,

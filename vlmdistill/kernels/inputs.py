@@ -38,13 +38,14 @@ class MaskSpec:
         return self.seg_q is not None
 
     def for_kernel(self) -> "MaskSpec":
-        """Contiguous int32 positions/segments and uint8 validity: the layout the Triton kernels index."""
+        """Contiguous int32 positions/segments and bool validity: the layout the Triton kernels index (no copy
+        when the tensors already have it)."""
 
         def ints(t):
             return None if t is None else t.to(torch.int32).contiguous()
 
         def flags(t):
-            return None if t is None else t.to(torch.uint8).contiguous()
+            return None if t is None else t.to(torch.bool).contiguous()
 
         return MaskSpec(ints(self.pos_q), ints(self.pos_shared), ints(self.pos_own), ints(self.seg_q),
                         ints(self.seg_shared), ints(self.seg_own), flags(self.valid_shared), flags(self.valid_own))

@@ -3,9 +3,10 @@
 Layout of the work (see README.md in this folder for the design):
 * a program owns BLOCK_M *packed rows* of one (batch, kv head): row r is query token r // G of query head
   kv_head * G + r % G, so the G query heads sharing a K/V head read every K/V tile once;
-* it walks the shared source and then the own source in BLOCK_N key tiles; each tile is classified from the
-  tile's min/max position and segment (and the query tile's) as skipped (nothing visible), full (everything
-  visible: no per-element mask) or masked;
+* for each source (shared, then own) a first pass over key metadata only finds the range of key tiles that are not
+  skipped (a tile is skipped when, from its min/max position and segment and the query tile's, nothing in it can
+  be visible); the main loop walks that range with unconditional (pipelinable) K/V loads, and leaves out the
+  per-element mask on tiles that are fully visible;
 * softmax is accumulated in base 2 with fp32 state; the output is normalised once at the end.
 
 Import this module only through the dispatcher: `TRITON_INTERPRET=1` must be set before it is imported for the
@@ -89,32 +90,75 @@ def _load_key_meta(Pos, Seg, Valid, offs_n, n_keys, HAS_SEG: tl.constexpr, HAS_V
 
 @triton.jit
 def _load_query_meta(PosQ, SegQ, t, row_ok, HAS_SEG: tl.constexpr):
-    """Positions/segments of a packed query tile and their min/max over the real rows."""
     q_pos = tl.load(PosQ + t, mask=row_ok, other=0)
     if HAS_SEG:
         q_seg = tl.load(SegQ + t, mask=row_ok, other=0)
     else:
         q_seg = tl.zeros_like(q_pos)
-    q_pos_lo = tl.min(tl.where(row_ok, q_pos, _FAR), 0)
-    q_pos_hi = tl.max(tl.where(row_ok, q_pos, -_FAR), 0)
-    q_seg_lo = tl.min(tl.where(row_ok, q_seg, _FAR), 0)
-    q_seg_hi = tl.max(tl.where(row_ok, q_seg, -_FAR), 0)
-    return q_pos, q_seg, q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi
+    return q_pos, q_seg
 
 
 @triton.jit
-def _classify_tile(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, k_pos, k_seg, k_visible, BLOCK_N: tl.constexpr):
-    """(skip, full) for a query tile x key tile. `skip` is conservative (a True is always right);
-    `full` means every real query row sees every key, so the per-element mask can be left out."""
-    n_visible = tl.sum(k_visible.to(tl.int32), 0)
-    k_pos_lo = tl.min(tl.where(k_visible, k_pos, _FAR), 0)
-    k_pos_hi = tl.max(tl.where(k_visible, k_pos, -_FAR), 0)
-    k_seg_lo = tl.min(tl.where(k_visible, k_seg, _FAR), 0)
-    k_seg_hi = tl.max(tl.where(k_visible, k_seg, -_FAR), 0)
-    skip = (n_visible == 0) | (k_pos_lo > q_pos_hi) | (k_seg_lo > q_seg_hi) | (k_seg_hi < q_seg_lo)
+def _extent(pos, seg, ok):
+    """Min/max position and segment over the entries of a tile that count, and how many count."""
+    pos_lo = tl.min(tl.where(ok, pos, _FAR), 0)
+    pos_hi = tl.max(tl.where(ok, pos, -_FAR), 0)
+    seg_lo = tl.min(tl.where(ok, seg, _FAR), 0)
+    seg_hi = tl.max(tl.where(ok, seg, -_FAR), 0)
+    return pos_lo, pos_hi, seg_lo, seg_hi, tl.sum(ok.to(tl.int32), 0)
+
+
+@triton.jit
+def _classify(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, k_pos_lo, k_pos_hi, k_seg_lo, k_seg_hi, k_count,
+              BLOCK_N: tl.constexpr):
+    """(skip, full) for a query tile x key tile, from their extents (k_count = visible keys in the tile).
+    `skip` is conservative (True only when nothing is visible); `full` means every real query row sees every key,
+    so the per-element mask can be left out."""
+    skip = (k_count == 0) | (k_pos_lo > q_pos_hi) | (k_seg_lo > q_seg_hi) | (k_seg_hi < q_seg_lo)
     one_segment = (k_seg_lo == k_seg_hi) & (q_seg_lo == q_seg_hi) & (k_seg_lo == q_seg_lo)
-    full = (n_visible == BLOCK_N) & (k_pos_hi <= q_pos_lo) & one_segment
+    full = (k_count == BLOCK_N) & (k_pos_hi <= q_pos_lo) & one_segment
     return skip, full
+
+
+@triton.jit
+def _key_tile_range(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, Pos, Seg, Valid, n_keys, BLOCK_N: tl.constexpr,
+                    HAS_SEG: tl.constexpr, HAS_VALID: tl.constexpr):
+    """[first, last) key tiles that are not skipped for this query tile, from a pass over key metadata only.
+    Keeping K/V loads out of conditionals lets the compiler pipeline them; with keys in position order (as in a
+    cache) the tiles outside the range are exactly the skipped ones."""
+    n_tiles = (n_keys + BLOCK_N - 1) // BLOCK_N
+    first = n_tiles
+    last = 0
+    for tile in range(0, n_tiles):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_pos, k_seg, k_visible = _load_key_meta(Pos, Seg, Valid, offs_n, n_keys, HAS_SEG, HAS_VALID)
+        k_pos_lo, k_pos_hi, k_seg_lo, k_seg_hi, k_count = _extent(k_pos, k_seg, k_visible)
+        skip, _ = _classify(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, k_pos_lo, k_pos_hi, k_seg_lo, k_seg_hi, k_count,
+                            BLOCK_N)
+        first = tl.where(skip, first, tl.minimum(first, tile))
+        last = tl.where(skip, last, tile + 1)
+    return first, last
+
+
+@triton.jit
+def _query_tile_range(k_pos_lo, k_pos_hi, k_seg_lo, k_seg_hi, k_count, PosQ, SegQ, n_queries,
+                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEG: tl.constexpr):
+    """[first, last) packed query tiles that can see this key tile (the backward's counterpart of
+    `_key_tile_range`)."""
+    n_rows = n_queries * GROUP
+    n_tiles = (n_rows + BLOCK_M - 1) // BLOCK_M
+    first = n_tiles
+    last = 0
+    for tile in range(0, n_tiles):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        q_pos, q_seg = _load_query_meta(PosQ, SegQ, rows // GROUP, row_ok, HAS_SEG)
+        q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, _ = _extent(q_pos, q_seg, row_ok)
+        skip, _ = _classify(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, k_pos_lo, k_pos_hi, k_seg_lo, k_seg_hi, k_count,
+                            BLOCK_N)
+        first = tl.where(skip, first, tl.minimum(first, tile))
+        last = tl.where(skip, last, tile + 1)
+    return first, last
 
 
 @triton.jit
@@ -134,41 +178,42 @@ def _attend_one_source(acc, m_i, l_i, q, q_pos, q_seg, q_pos_lo, q_pos_hi, q_seg
                        K, V, stride_kt, stride_kd, stride_vt, stride_vd, Pos, Seg, Valid, n_keys, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEG: tl.constexpr,
                        HAS_VALID: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Fold one key/value source into the running (acc, max, sum) of a query tile."""
+    """Fold one key/value source into the running (acc, max, sum) of a query tile. Also returns how many key
+    tiles were skipped, taken whole and masked."""
     offs_d = tl.arange(0, HEAD_DIM)
-    n_skipped = 0
+    first, last = _key_tile_range(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, Pos, Seg, Valid, n_keys, BLOCK_N,
+                                  HAS_SEG, HAS_VALID)
     n_full = 0
     n_masked = 0
-    for start in range(0, n_keys, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
+    for tile in range(first, last):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k_pos, k_seg, k_visible = _load_key_meta(Pos, Seg, Valid, offs_n, n_keys, HAS_SEG, HAS_VALID)
-        skip, full = _classify_tile(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, k_pos, k_seg, k_visible, BLOCK_N)
-        if skip:
-            n_skipped += 1
+        # Invisible keys load as 0: garbage (even NaN) in padded slots never reaches the output.
+        k_t = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=k_visible[None, :],
+                      other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=k_visible[:, None],
+                    other=0.0)
+        if CAST_FP32:
+            k_t = k_t.to(tl.float32)
+            v = v.to(tl.float32)
+        k_pos_lo, k_pos_hi, k_seg_lo, k_seg_hi, k_count = _extent(k_pos, k_seg, k_visible)
+        _, full = _classify(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, k_pos_lo, k_pos_hi, k_seg_lo, k_seg_hi, k_count,
+                            BLOCK_N)
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        if full:
+            n_full += 1
         else:
-            # Invisible keys load as 0: garbage (even NaN) in padded slots never reaches the output.
-            k_t = tl.load(K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=k_visible[None, :],
-                          other=0.0)
-            v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=k_visible[:, None],
-                        other=0.0)
-            if CAST_FP32:
-                k_t = k_t.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-            if full:
-                n_full += 1
-            else:
-                n_masked += 1
-                allowed = _element_mask(q_pos, q_seg, k_pos, k_seg, k_visible, HAS_SEG)
-                s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Rows that have seen no visible key yet keep max -inf: shift them by 0 so exp2 gives 0, not NaN.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_shift)
-            p = tl.exp2(s - m_shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            n_masked += 1
+            s = tl.where(_element_mask(q_pos, q_seg, k_pos, k_seg, k_visible, HAS_SEG), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no visible key yet keep max -inf: shift them by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    n_skipped = (n_keys + BLOCK_N - 1) // BLOCK_N - n_full - n_masked
     return acc, m_i, l_i, n_skipped, n_full, n_masked
 
 
@@ -202,8 +247,8 @@ def _two_source_fwd_kernel(
                 mask=row_ok[:, None], other=0.0)
     if CAST_FP32:
         q = q.to(tl.float32)
-    q_pos, q_seg, q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi = _load_query_meta(
-        PosQ + b * n_queries, SegQ + b * n_queries, t, row_ok, HAS_SEG)
+    q_pos, q_seg = _load_query_meta(PosQ + b * n_queries, SegQ + b * n_queries, t, row_ok, HAS_SEG)
+    q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, _ = _extent(q_pos, q_seg, row_ok)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -257,8 +302,8 @@ def _two_source_bwd_dkv_kernel(
         n_kv_heads, n_queries, n_keys, qk_scale, sm_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         HAS_SEG: tl.constexpr, HAS_VALID: tl.constexpr, CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dK, dV of one key source; a program owns BLOCK_N keys of one (batch, kv head) and walks every packed
-    query row of the head group (Lse/Delta are contiguous [B, Hq, Tq])."""
+    """dK, dV of one key source; a program owns BLOCK_N keys of one (batch, kv head) and walks the packed query
+    rows of the head group that can see them (Lse/Delta are contiguous [B, Hq, Tq])."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_kv_heads).to(tl.int64)
@@ -269,6 +314,7 @@ def _two_source_bwd_dkv_kernel(
 
     k_pos, k_seg, k_visible = _load_key_meta(PosK + b * n_keys, SegK + b * n_keys, ValidK + b * n_keys, offs_n,
                                              n_keys, HAS_SEG, HAS_VALID)
+    k_pos_lo, k_pos_hi, k_seg_lo, k_seg_hi, k_count = _extent(k_pos, k_seg, k_visible)
     k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                 mask=k_visible[:, None], other=0.0)
     v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
@@ -279,37 +325,40 @@ def _two_source_bwd_dkv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
 
+    PosQ_b = PosQ + b * n_queries
+    SegQ_b = SegQ + b * n_queries
+    first, last = _query_tile_range(k_pos_lo, k_pos_hi, k_seg_lo, k_seg_hi, k_count, PosQ_b, SegQ_b, n_queries,
+                                    GROUP, BLOCK_M, BLOCK_N, HAS_SEG)
     n_rows = n_queries * GROUP
-    for start_m in range(0, n_rows, BLOCK_M):
-        rows = start_m + tl.arange(0, BLOCK_M)
+    for tile in range(first, last):
+        rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         t = rows // GROUP
         h_q = h_kv * GROUP + rows % GROUP
-        q_pos, q_seg, q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi = _load_query_meta(
-            PosQ + b * n_queries, SegQ + b * n_queries, t, row_ok, HAS_SEG)
-        skip, full = _classify_tile(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, k_pos, k_seg, k_visible, BLOCK_N)
-        if not skip:
-            q = tl.load(Q + b * stride_qb + h_q[:, None] * stride_qh + t[:, None] * stride_qt
-                        + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-            do = tl.load(DO + b * stride_dob + h_q[:, None] * stride_doh + t[:, None] * stride_dot
-                         + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
-            row_index = (b * n_kv_heads * GROUP + h_q) * n_queries + t
-            lse = tl.load(Lse + row_index, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta + row_index, mask=row_ok, other=0.0)
-            if CAST_FP32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            # lse -inf marks a row with nothing visible: +inf makes its probabilities exactly 0.
-            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            p = tl.exp2(s - lse2[:, None])
-            if not full:
-                allowed = _element_mask(q_pos, q_seg, k_pos, k_seg, k_visible, HAS_SEG)
-                p = tl.where(allowed, p, 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        q_pos, q_seg = _load_query_meta(PosQ_b, SegQ_b, t, row_ok, HAS_SEG)
+        q = tl.load(Q + b * stride_qb + h_q[:, None] * stride_qh + t[:, None] * stride_qt
+                    + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + b * stride_dob + h_q[:, None] * stride_doh + t[:, None] * stride_dot
+                     + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+        row_index = (b * n_kv_heads * GROUP + h_q) * n_queries + t
+        lse = tl.load(Lse + row_index, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + row_index, mask=row_ok, other=0.0)
+        if CAST_FP32:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, _ = _extent(q_pos, q_seg, row_ok)
+        _, full = _classify(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, k_pos_lo, k_pos_hi, k_seg_lo, k_seg_hi, k_count,
+                            BLOCK_N)
+        # lse -inf marks a row with nothing visible: +inf makes its probabilities exactly 0.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if not full:
+            p = tl.where(_element_mask(q_pos, q_seg, k_pos, k_seg, k_visible, HAS_SEG), p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=in_range[:, None])
@@ -323,26 +372,28 @@ def _dq_one_source(dq, q, do, lse2, delta, q_pos, q_seg, q_pos_lo, q_pos_hi, q_s
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEG: tl.constexpr, HAS_VALID: tl.constexpr,
                    CAST_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
-    for start in range(0, n_keys, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
+    first, last = _key_tile_range(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, Pos, Seg, Valid, n_keys, BLOCK_N,
+                                  HAS_SEG, HAS_VALID)
+    for tile in range(first, last):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         k_pos, k_seg, k_visible = _load_key_meta(Pos, Seg, Valid, offs_n, n_keys, HAS_SEG, HAS_VALID)
-        skip, full = _classify_tile(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, k_pos, k_seg, k_visible, BLOCK_N)
-        if not skip:
-            k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=k_visible[:, None],
-                        other=0.0)
-            v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=k_visible[:, None],
-                        other=0.0)
-            if CAST_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            p = tl.exp2(s - lse2[:, None])
-            if not full:
-                allowed = _element_mask(q_pos, q_seg, k_pos, k_seg, k_visible, HAS_SEG)
-                p = tl.where(allowed, p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=k_visible[:, None],
+                    other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=k_visible[:, None],
+                    other=0.0)
+        if CAST_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        k_pos_lo, k_pos_hi, k_seg_lo, k_seg_hi, k_count = _extent(k_pos, k_seg, k_visible)
+        _, full = _classify(q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, k_pos_lo, k_pos_hi, k_seg_lo, k_seg_hi, k_count,
+                            BLOCK_N)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        if not full:
+            p = tl.where(_element_mask(q_pos, q_seg, k_pos, k_seg, k_visible, HAS_SEG), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -382,8 +433,8 @@ def _two_source_bwd_dq_kernel(
     lse = tl.load(Lse + row_index, mask=row_ok, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E)
     delta = tl.load(Delta + row_index, mask=row_ok, other=0.0)
-    q_pos, q_seg, q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi = _load_query_meta(
-        PosQ + b * n_queries, SegQ + b * n_queries, t, row_ok, HAS_SEG)
+    q_pos, q_seg = _load_query_meta(PosQ + b * n_queries, SegQ + b * n_queries, t, row_ok, HAS_SEG)
+    q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi, _ = _extent(q_pos, q_seg, row_ok)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dq = _dq_one_source(dq, q, do, lse2, delta, q_pos, q_seg, q_pos_lo, q_pos_hi, q_seg_lo, q_seg_hi,
