@@ -90,6 +90,10 @@ def test_classifier_cache_hit_skips_text_encoding_and_invalidates(tmp_path, digi
     changed_weights = run(digits_task("en"))
     assert not changed_weights["classifier"]["cache_hit"]
     assert len(os.listdir(cache)) == 4
+    open(changed_weights["classifier"]["cache_path"], "wb").write(b"truncated")   # an interrupted write
+    recomputed = run(digits_task("en"))
+    assert not recomputed["classifier"]["cache_hit"] and recomputed["metrics"] == changed_weights["metrics"]
+    assert run(digits_task("en"))["classifier"]["cache_hit"]
 
 
 def test_protocols_switch_their_knobs(digits_dir):

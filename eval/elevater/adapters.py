@@ -261,7 +261,8 @@ def _hf_adapter(model, tokenizer, image_processor, transform, name, pretrained) 
         transform = _processor_transform(image_processor)
     max_positions = getattr(config.text_config, "max_position_embeddings", None)
     model_max = getattr(tokenizer, "model_max_length", None)
-    max_length = min(x for x in (max_positions, model_max) if x and x < 10**6) if (max_positions or model_max) else None
+    limits = [x for x in (max_positions, model_max) if x and x < 10**6]   # unset model_max_length is huge
+    max_length = min(limits) if limits else None
     if model_type == "altclip" and max_positions:
         max_length = max_positions - 2   # XLM-R positions start after the padding index
     tokenize = hf_tokenize(tokenizer, max_length=max_length, pad_to_max=model_type.startswith("siglip"))

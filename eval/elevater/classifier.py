@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from vlmdistill.errors import DataError
-
 from .adapters import ZeroShotModel
 from .protocol import clean_text
 from .tasks import TaskSpec
@@ -28,7 +26,7 @@ from .tasks import TaskSpec
 @dataclass
 class Classifier:
     weights: torch.Tensor   # [D, C], columns L2-normalised
-    key: str
+    key: str | None
     cache_hit: bool
     cache_path: str | None
 
@@ -51,22 +49,33 @@ def encode_classifier(model: ZeroShotModel, classnames: Sequence[str], templates
     return F.normalize(embeddings.mean(dim=1), dim=-1).T.contiguous()
 
 
+def _read_cached(path: str, num_classes: int) -> torch.Tensor | None:
+    """The cached matrix, or None when absent or unusable (then it is recomputed and overwritten)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        weights = load_file(path)["weights"]
+    except Exception:  # noqa: BLE001 - a damaged cache file must never stop an evaluation
+        return None
+    return weights if weights.ndim == 2 and weights.shape[1] == num_classes else None
+
+
 def build_classifier(model: ZeroShotModel, task: TaskSpec, *, text_cleanup: str = "none",
                      cache_dir: str | None = None, batch_size: int = 256) -> Classifier:
-    """The classifier for `task`, read from `cache_dir` when a matching one is there."""
+    """The classifier for `task`, read from `cache_dir` when a matching one is there. Without a cache
+    folder the weights are not fingerprinted (hashing a large model costs about a second)."""
+    if cache_dir is None:
+        weights = encode_classifier(model, task.classnames, task.templates, text_cleanup, batch_size)
+        return Classifier(weights, None, False, None)
     key = classifier_key(model.fingerprint(), task.classnames, task.templates, text_cleanup)
-    path = os.path.join(cache_dir, f"classifier-{key[:32]}.safetensors") if cache_dir else None
-    if path and os.path.isfile(path):
-        try:
-            stored = load_file(path)
-        except Exception as exc:  # a truncated file from an interrupted run: recompute it
-            raise DataError(f"classifier cache {path} is unreadable ({exc}); delete it to recompute") from exc
-        return Classifier(stored["weights"].to(model.device), key, True, path)
+    path = os.path.join(cache_dir, f"classifier-{key[:32]}.safetensors")
+    stored = _read_cached(path, task.num_classes)
+    if stored is not None:
+        return Classifier(stored.to(model.device), key, True, path)
     weights = encode_classifier(model, task.classnames, task.templates, text_cleanup, batch_size)
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        partial = path + ".tmp"
-        save_file({"weights": weights.cpu()}, partial, metadata={"key": key, "task": task.name,
-                                                                 "num_classes": str(task.num_classes)})
-        os.replace(partial, path)   # atomic: readers never see a half-written file
+    os.makedirs(cache_dir, exist_ok=True)
+    partial = path + ".tmp"
+    save_file({"weights": weights.cpu()}, partial, metadata={"key": key, "task": task.name,
+                                                             "num_classes": str(task.num_classes)})
+    os.replace(partial, path)   # atomic: readers never see a half-written file
     return Classifier(weights, key, False, path)
