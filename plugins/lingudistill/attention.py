@@ -1,0 +1,152 @@
+"""The attention implementation LinguDistill registers with transformers.
+
+One `AttentionRouter` per plugin instance registers a uniquely named function in `AttentionInterface` (and the
+original implementation's mask builder under the same name in `AttentionMaskInterface`, so padding masks still
+reach the attention). What the function does depends on the `ForwardState` active in the current context:
+
+* no state (inference, gradient-checkpointing recompute in backward): the original attention, nothing else;
+* role "student": the original attention, and the layer's post-RoPE K/V at the shared positions are stashed
+  (once per layer and forward, so a recompute never overwrites them);
+* role "teacher": attention over the stashed student K/V and the teacher's own K/V.
+
+State lives in a `ContextVar` owned by the router: two wrapped models, or two threads, never see each other's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import itertools
+import sys
+from typing import Callable, Iterator
+
+import torch
+
+from .layout import SequenceLayout
+from .two_source import replaced_attention, two_source_attention
+
+_NAMES = itertools.count()
+
+
+@dataclasses.dataclass
+class ForwardState:
+    layout: SequenceLayout
+    detach: bool
+    full_length: bool
+    kernel: str
+    role: str = "student"
+    #: the student's RoPE positions as its rotary embedding saw them ([B, T] or [axes, B, T])
+    positions: torch.Tensor | None = None
+    #: layer index -> (K, V) `[Bk, Hkv, Ts, D]` at the shared positions of the distilled samples
+    stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    #: the teacher decoder's final hidden states `[Bk, Tq, H]`
+    teacher_hidden: torch.Tensor | None = None
+
+    def capture(self, layer: int, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if layer in self.stash:
+            return
+        layout = self.layout
+        if not self.stash and layout.segments is not None:
+            check_documents_masked(mask, layout)
+        index = layout.shared_index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
+        picked = []
+        for tensor in (key, value):
+            tensor = tensor.detach() if self.detach else tensor
+            picked.append(tensor[layout.rows].gather(2, index))
+        self.stash[layer] = (picked[0], picked[1])
+
+    def teacher_attention(self, module, query, key, value, scaling) -> torch.Tensor:
+        layer = module.layer_idx
+        if layer not in self.stash:
+            raise RuntimeError(f"lingudistill: no student K/V captured for layer {layer}")
+        k_shared, v_shared = (t.to(device=query.device, dtype=query.dtype) for t in self.stash[layer])
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        layout = self.layout
+        if self.full_length:
+            out = replaced_attention(query, key, value, k_shared, v_shared, shared_index=layout.shared_index,
+                                     shared_valid=layout.shared_valid, positions=layout.query_index,
+                                     valid=layout.query_valid, segments=layout.query_segments(), scale=scale)
+        else:
+            out = two_source_attention(
+                query, k_shared, v_shared, key, value, kernel=self.kernel, scale=scale,
+                pos_q=layout.query_index, pos_shared=layout.shared_index, pos_own=layout.query_index,
+                seg_q=layout.query_segments(), seg_shared=layout.shared_segments(), seg_own=layout.query_segments(),
+                valid_shared=layout.shared_valid, valid_own=layout.own_valid)
+        return out.transpose(1, 2).contiguous()
+
+
+def check_documents_masked(mask: torch.Tensor | None, layout: SequenceLayout) -> None:
+    """The teacher separates packed documents; make sure the student's own mask does too."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        allowed = mask[layout.rows, 0] if mask.dtype == torch.bool else mask[layout.rows, 0] == 0
+        other = layout.segments[:, :, None] != layout.segments[:, None, :]
+        if not bool((allowed & other).any()):
+            return
+    raise RuntimeError("lingudistill: the batch packs several documents per row (position ids restart) but the "
+                       "student's attention mask does not separate them; pass use_cache=False, as transformers "
+                       "only builds per-document masks without a KV cache")
+
+
+def _original_function(impl: str, module) -> Callable:
+    if impl == "eager":
+        # Each modeling file defines its own eager attention; transformers falls back to it the same way.
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise RuntimeError(f"{type(module).__module__} defines no eager_attention_forward")
+        return fn
+    from transformers import AttentionInterface
+
+    return AttentionInterface._global_mapping[impl]
+
+
+class AttentionRouter:
+    def __init__(self) -> None:
+        self.active: contextvars.ContextVar[ForwardState | None] = contextvars.ContextVar(
+            f"lingudistill_state_{id(self)}", default=None)
+        self._serial = next(_NAMES)
+        self.names: dict[str, str] = {}  # original implementation -> registered name
+
+    def name_for(self, impl: str) -> str:
+        """Register (once) the routing function that falls back to `impl`; return its name."""
+        if impl not in self.names:
+            from transformers import AttentionInterface
+            from transformers.masking_utils import AttentionMaskInterface
+
+            name = f"lingudistill_{self._serial}_{impl}"
+            AttentionInterface.register(name, self._make_function(impl))
+            AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[impl])
+            self.names[impl] = name
+        return self.names[impl]
+
+    def unregister(self) -> None:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        for name in self.names.values():
+            AttentionInterface._global_mapping.pop(name, None)
+            AttentionMaskInterface._global_mapping.pop(name, None)
+        self.names.clear()
+
+    def _make_function(self, impl: str) -> Callable:
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            state = self.active.get()
+            if state is not None:
+                if state.role == "teacher":
+                    return state.teacher_attention(module, query, key, value, kwargs.get("scaling")), None
+                if state.role == "student":
+                    state.capture(module.layer_idx, key, value, attention_mask)
+            return _original_function(impl, module)(module, query, key, value, attention_mask, **kwargs)
+
+        return attention
+
+    @contextlib.contextmanager
+    def activate(self, state: ForwardState | None) -> Iterator[ForwardState | None]:
+        token = self.active.set(state)
+        try:
+            yield state
+        finally:
+            self.active.reset(token)
+
+    def current(self) -> ForwardState | None:
+        return self.active.get()

@@ -1,0 +1,167 @@
+"""Contract case of `lingudistill`, and the tiny VLM families its own tests use.
+
+Students are real transformers VLMs built from tiny configs (random weights); a teacher is a causal LM with the
+student language model's architecture, either independent or holding exactly the student LM's weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from contract_cases import ContractCase
+
+VOCAB = 80
+IMAGE_TOKEN = 79          # LLaVA / Idefics3 image placeholder
+QWEN_IDS = {"image_token_id": 79, "video_token_id": 78, "vision_start_token_id": 77, "vision_end_token_id": 76}
+TOKENS_PER_IMAGE = 4
+TEXT_IDS = (3, 70)        # ordinary text tokens are drawn from [3, 70)
+
+
+def text_config(hidden: int = 32, heads: int = 4, kv_heads: int = 2, layers: int = 2, vocab: int = VOCAB, **extra):
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
+
+
+def tiny_llava(seed: int = 0, dtype=torch.float32, **text):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=8, projection_dim=16)
+    cfg = LlavaConfig(text_config=LlamaConfig(**text_config(**text)).to_dict(), vision_config=vision.to_dict(),
+                      image_token_id=IMAGE_TOKEN, projector_hidden_act="gelu", vision_feature_layer=-1,
+                      vision_feature_select_strategy="default")
+    return LlavaForConditionalGeneration(cfg).to(dtype)
+
+
+def tiny_idefics3(seed: int = 0, dtype=torch.float32, **text):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
+
+    torch.manual_seed(seed)
+    cfg = Idefics3Config(text_config=LlamaConfig(**text_config(**text)).to_dict(),
+                         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=16, patch_size=4),
+                         image_token_id=IMAGE_TOKEN, scale_factor=2)
+    return Idefics3ForConditionalGeneration(cfg).to(dtype)
+
+
+def tiny_qwen2_vl(seed: int = 0, dtype=torch.float32, hidden: int = 32, heads: int = 4, **text):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    half = hidden // heads // 2
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": [half - 2 * (half // 4), half // 4, half // 4]}
+    cfg = Qwen2VLConfig(text_config=text_config(hidden=hidden, heads=heads, rope_parameters=rope, **text),
+                        vision_config=dict(depth=1, embed_dim=16, hidden_size=hidden, num_heads=2, patch_size=4,
+                                           spatial_merge_size=2, temporal_patch_size=2),
+                        **QWEN_IDS)
+    return Qwen2VLForConditionalGeneration(cfg).to(dtype)
+
+
+FAMILY_BUILDERS = {"llava": tiny_llava, "idefics3": tiny_idefics3, "qwen2_vl": tiny_qwen2_vl}
+
+
+def language_model_copy(student):
+    """A causal LM (LlamaForCausalLM / Qwen2ForCausalLM) holding exactly the student LM's weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    text = student.config.get_text_config()
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id",
+            "pad_token_id")
+    values = {k: getattr(text, k) for k in keys}
+    if student.config.model_type == "qwen2_vl":
+        rope = {k: v for k, v in text.rope_parameters.items() if k != "mrope_section"}
+        lm = Qwen2ForCausalLM(Qwen2Config(**values, rope_parameters=rope, tie_word_embeddings=False))
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(**values, rope_parameters=dict(text.rope_parameters),
+                                          tie_word_embeddings=False))
+    decoder = student.model.get_decoder() if hasattr(student.model, "get_decoder") else student.model.text_model
+    missing, unexpected = lm.model.load_state_dict(decoder.state_dict(), strict=False)
+    assert not unexpected and not [k for k in missing if "rotary" not in k], (missing, unexpected)
+    lm.lm_head.weight.data.copy_(student.lm_head.weight.data)
+    return lm.to(student.dtype).eval()
+
+
+def independent_teacher(student, seed: int = 7):
+    """A different LM with the student LM's architecture (the 'original' LM of a fine-tuned VLM)."""
+    torch.manual_seed(seed)
+    lm = language_model_copy(student)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return lm
+
+
+def vlm_example(family: str, g: torch.Generator, *, length: int = 14, image_at: int | None = 2,
+                answer: int = 5) -> dict:
+    """One un-batched example: text, (optionally) one image, text, then `answer` supervised tokens."""
+    ids = torch.randint(*TEXT_IDS, (length,), generator=g)
+    labels = torch.full((length,), -100)
+    labels[-answer:] = ids[-answer:]
+    example = {"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long), "labels": labels}
+    if family == "qwen2_vl":
+        example["mm_token_type_ids"] = torch.zeros(length, dtype=torch.long)
+    if image_at is None:
+        return example
+    span = slice(image_at, image_at + TOKENS_PER_IMAGE)
+    if family == "qwen2_vl":
+        ids[image_at - 1] = QWEN_IDS["vision_start_token_id"]
+        ids[span] = QWEN_IDS["image_token_id"]
+        ids[image_at + TOKENS_PER_IMAGE] = QWEN_IDS["vision_end_token_id"]
+        example["mm_token_type_ids"][span] = 1
+        example.update(pixel_values=torch.rand(16, 3 * 2 * 4 * 4, generator=g), image_grid_thw=torch.tensor([1, 4, 4]))
+    else:
+        ids[span] = IMAGE_TOKEN
+        shape = (1, 3, 16, 16) if family == "idefics3" else (3, 16, 16)
+        example["pixel_values"] = torch.rand(shape, generator=g)
+    return example
+
+
+def collate(examples: list[dict], pad_side: str = "right") -> dict:
+    """Stack examples, padding token rows to one length (`pad_side`); Qwen2-VL patches are concatenated."""
+    length = max(int(e["input_ids"].shape[0]) for e in examples)
+    batch: dict = {}
+    keys = list(dict.fromkeys(k for e in examples for k in e))
+    for key in keys:
+        values = [e[key] for e in examples if key in e]  # image inputs: only the samples that have images
+        if key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
+            fill = {"labels": -100}.get(key, 0)
+            rows = []
+            for v in values:
+                pad = torch.full((length - v.shape[0],), fill, dtype=v.dtype)
+                rows.append(torch.cat([pad, v] if pad_side == "left" else [v, pad]))
+            batch[key] = torch.stack(rows)
+        elif key in ("pixel_values",) and values[0].dim() == 2:  # Qwen2-VL patches
+            batch[key] = torch.cat(values)
+        elif isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = list(values)
+    return batch
+
+
+def _contract_examples(n: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        # Every sample has an image (the contract tests slice image tensors by sample); KD on two of three.
+        e = vlm_example("llava", g, image_at=2 + i % 3)
+        e["dataset"] = ("coco", "docvqa", "sciqa")[i % 3]
+        e["kd_mask"] = torch.tensor(i % 3 != 1)
+        out.append(e)
+    return out
+
+
+def case() -> ContractCase:
+    return ContractCase(
+        make_student=lambda: tiny_llava(seed=1),
+        make_teacher=lambda student: independent_teacher(student, seed=2),
+        config={"alpha": 0.5, "temperature": 2.0,
+                "dataset_categories": {"coco": "captioning", "sciqa": "knowledge", "docvqa": "documents"}},
+        examples=_contract_examples,
+        collate=collate,
+        num_items=lambda batches: sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
+    )
