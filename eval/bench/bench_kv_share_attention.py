@@ -42,7 +42,6 @@ import torch.nn.functional as F
 
 from vlmdistill.kernels import two_source_attention, two_source_attention_reference
 
-BASELINES = ("a_merge_sdpa", "a_merge_causal", "b_two_sdpa", "c_flex", "d_flash_attn")
 TARGETS = {"speedup_vs_a_merge_sdpa_at_4096": 1.5, "speedup_vs_b_two_sdpa": 1.0,
            "fused_fraction_of_matmul_rate_at_8192": 0.5}
 
@@ -307,7 +306,8 @@ def run_flash(w: Workload, packed):
     if lse_s.dim() != 2:
         raise RuntimeError(f"unexpected flash-attn varlen lse layout {tuple(lse_s.shape)}")
     merged = merge_by_lse(out_s, lse_s.transpose(0, 1), out_o, lse_o.transpose(0, 1))  # [total, H, D]
-    out = w.q_text.new_zeros(w.q_text.shape[0], w.q_text.shape[2], *w.q_text.shape[1:2], w.q_text.shape[3])
+    batch, q_heads, n_queries, head_dim = w.q_text.shape
+    out = w.q_text.new_zeros(batch, n_queries, q_heads, head_dim)
     out[w.masks["valid_own"]] = merged
     return out.transpose(1, 2)
 
