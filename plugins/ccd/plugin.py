@@ -1,0 +1,243 @@
+"""`ccd`: character-to-character distillation (Guan et al., ICCV 2023) as a vlmdistill plugin.
+
+One micro-batch of unlabeled text images (`pixel_values`, optionally `ccd_seed`):
+
+1. two views per image (regular: photometric; irregular: photometric + affine, `theta` known);
+2. pseudo text masks by 2-means on the input's grey levels (polarity fixed), warped to the irregular view;
+3. the student backbone runs on both views; its block outputs feed the segmentation head (2-class loss);
+4. character slots = connected components of the regular view's text mask (pseudo masks, then the student's
+   own prediction after `pseudo_mask_steps`), warped to the irregular view;
+5. character features = mask-weighted token averages, for the student and the EMA teacher (no gradients);
+   DINO head on both, cross-view loss over characters present in both views.
+
+The EMA teacher (backbone + head) and the centre are hidden plugin state; they move once per optimizer
+step in `on_step_end`. The student passed to `wrap()` is the backbone and stays a plain backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmdistill.errors import UnsupportedModelError
+from vlmdistill.hooks import ActivationCapture
+from vlmdistill.plugin import DistillationPlugin, DistillationResult
+from vlmdistill.teachers import EMATeacher, is_peft_model, module_device
+
+from .backbones import BackboneSpec, describe_backbone, patch_tokens
+from .config import CCDConfig
+from .heads import DINOHead, SegmentationHead
+from .losses import TeacherCentre, cross_view_distillation_loss, segmentation_loss, teacher_momentum
+from .masks import character_slots, pool_characters, pseudo_text_masks, slot_token_weights, warp_masks
+from .views import make_views, sample_seeds
+
+#: sub-folder of `save_pretrained` holding the EMA teacher backbone, the encoder to fine-tune downstream
+TEACHER_ENCODER_DIR = "ccd_teacher_encoder"
+EXPORT_NOTE_NAME = "ccd_export.json"
+
+
+class CCDPlugin(DistillationPlugin):
+    name = "ccd"
+    description = "CCD: label-free text-image ViT pretraining, DINO on segmented characters paired across two views"
+    config_class = CCDConfig
+    teacher_policy = "none"
+    extra_inputs = ("ccd_seed",)
+    demo = "vlmdistill.eval.experiments.ccd:main"
+
+    def __init__(self, config: CCDConfig, **runtime: Any) -> None:
+        super().__init__(config, **runtime)
+        self.spec: BackboneSpec | None = None
+        self._ema_backbone: EMATeacher | None = None
+        self._ema_head: EMATeacher | None = None
+        self._centre: TeacherCentre | None = None
+        self._student_capture: ActivationCapture | None = None
+        self._teacher_capture: ActivationCapture | None = None
+
+    # ------------------------------------------------------------------ wrap
+    def check_compatibility(self, student: nn.Module) -> None:
+        cfg = self.config
+        spec = describe_backbone(student)
+        too_deep = [b for b in cfg.seg_blocks if b > spec.depth]
+        if too_deep:
+            raise UnsupportedModelError(f"seg_blocks {cfg.seg_blocks}: the student has only {spec.depth} blocks "
+                                        f"(blocks {too_deep} do not exist)")
+        self.spec = spec
+        device = module_device(student)
+        # Heads stay in fp32 whatever the backbone dtype: 65k-way softmaxes at τ=0.04 need the range.
+        self.seg_head = SegmentationHead(spec.width, len(cfg.seg_blocks), cfg.seg_hidden_channels,
+                                         cfg.seg_map_channels, cfg.seg_groups).to(device)
+        self.student_head = DINOHead(spec.width, cfg.out_dim, cfg.head_hidden_dim, cfg.bottleneck_dim,
+                                     cfg.norm_last_layer).to(device)
+
+    def attach(self, student: nn.Module, hooks) -> None:
+        spec = self.spec
+        # Copy before hooking: a deep copy made afterwards would carry the student's capture hooks along.
+        self._ema_backbone = EMATeacher(student)
+        self._ema_head = EMATeacher(self.student_head)
+        self._set_teacher(self._ema_backbone.module)
+        self._centre = TeacherCentre(self.config.out_dim, module_device(student))
+        object.__setattr__(self, "_student", student)  # for the EMA update; not a registered submodule
+        block_paths = [spec.block_path(b) for b in self.config.seg_blocks]
+        self._student_capture = ActivationCapture(student, [spec.final_norm, *block_paths], hooks, role="student")
+        self._teacher_capture = ActivationCapture(self.teacher, [spec.final_norm], hooks, role="teacher")
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, student: nn.Module, inputs: dict[str, Any], extras: dict[str, Any],
+                num_items_in_batch: Any = None) -> DistillationResult:
+        # No labels, so the Trainer divides by the accumulation steps itself: every term is a per-micro-batch
+        # mean over images, and `num_items_in_batch` is not used.
+        cfg, spec = self.config, self.spec
+        key = self._image_key(inputs)
+        pixels = inputs[key]
+        b, _, h, w = pixels.shape
+        grid = spec.grid((h, w))
+        self._follow_device(pixels.device)
+        step = int(self.global_step)
+
+        with torch.no_grad():
+            images = self._to_unit_range(pixels)
+            views = make_views(images, sample_seeds(pixels, extras.get("ccd_seed"), step, cfg.seed), cfg.views)
+            pseudo = pseudo_text_masks(images, cfg.kmeans_iterations)
+            pseudo_irregular = warp_masks(pseudo, views.theta, cfg.warp_threshold)
+            view_pixels = self._normalise(torch.cat([views.regular, views.irregular])).to(pixels.dtype)
+        view_inputs = {**inputs, key: view_pixels}
+
+        with self._student_capture.record() as feats:
+            output = student(**view_inputs)
+        tokens = patch_tokens(feats[spec.final_norm], grid).float()
+        block_tokens = [patch_tokens(feats[spec.block_path(i)], grid).float() for i in cfg.seg_blocks]
+        seg_logits = self.seg_head(block_tokens, grid, (h, w))
+        seg = segmentation_loss(seg_logits, torch.cat([pseudo, pseudo_irregular]))
+
+        with torch.no_grad():
+            text = pseudo if step < cfg.pseudo_mask_steps else seg_logits[:b].argmax(1).bool()
+            slots = character_slots(text, cfg.max_characters, cfg.min_character_pixels)
+            weights_reg, present_reg = slot_token_weights(slots, grid)
+            weights_irr, present_irr = slot_token_weights(warp_masks(slots, views.theta, cfg.warp_threshold), grid)
+            paired = present_reg & present_irr  # [B, K]: the character is visible in both views
+            sample_index = paired.nonzero()[:, 0]
+
+        with self.teacher_context() as teacher, self._teacher_capture.record() as teacher_feats:
+            teacher(**view_inputs)
+            teacher_tokens = patch_tokens(teacher_feats[spec.final_norm], grid).float()
+            t_reg = pool_characters(teacher_tokens[:b], weights_reg)[paired]
+            t_irr = pool_characters(teacher_tokens[b:], weights_irr)[paired]
+            teacher_logits = self._ema_head.module(torch.cat([t_reg, t_irr]))
+        if self.training:
+            self._centre.observe(teacher_logits)
+
+        frozen = step < cfg.freeze_last_layer_steps
+        n = t_reg.shape[0]
+        if n:
+            s_reg = pool_characters(tokens[:b], weights_reg)[paired]
+            s_irr = pool_characters(tokens[b:], weights_irr)[paired]
+            student_logits = self.student_head(torch.cat([s_reg, s_irr]), freeze_last_layer=frozen)
+            distill = cross_view_distillation_loss(
+                student_logits[:n], student_logits[n:], teacher_logits[:n], teacher_logits[n:], self._centre.value,
+                sample_index, b, student_temperature=cfg.student_temperature,
+                teacher_temperature=cfg.teacher_temperature)
+        else:
+            # Keep the head in the graph with zero gradient: DDP and accumulation then see the same parameters.
+            distill = self.student_head(tokens.new_zeros(1, spec.width), freeze_last_layer=frozen).sum() * 0.0
+        loss = cfg.seg_weight * seg + cfg.distill_weight * distill
+        terms = {"seg": seg.detach(), "distill": distill.detach(),
+                 "paired_characters": torch.tensor(n / b, device=seg.device)}
+        return DistillationResult(output=output, loss=loss, loss_terms=terms)
+
+    def _image_key(self, inputs: dict[str, Any]) -> str:
+        for key in (self.spec.input_name, "pixel_values", "x"):
+            if isinstance(inputs.get(key), torch.Tensor) and inputs[key].dim() == 4:
+                return key
+        raise UnsupportedModelError(f"ccd needs a [B, C, H, W] image batch under {self.spec.input_name!r}; "
+                                    f"got keys {sorted(inputs)}")
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = like.shape[1]
+        mean = torch.tensor(self.config.image_mean[:c], device=like.device, dtype=torch.float32).view(1, c, 1, 1)
+        std = torch.tensor(self.config.image_std[:c], device=like.device, dtype=torch.float32).view(1, c, 1, 1)
+        return mean, std
+
+    def _to_unit_range(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(pixels)
+        return (pixels.float() * std + mean).clamp(0, 1)
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(images)
+        return (images - mean) / std
+
+    def _follow_device(self, device: torch.device) -> None:
+        """The EMA teacher lives outside module registration, so `.to()` on the wrapper does not move it."""
+        if module_device(self.teacher) != device:
+            self.teacher.to(device)
+            self._ema_head.module.to(device)
+            self._centre.to(device)
+
+    # ---------------------------------------------------------------- per step
+    def on_step_end(self) -> None:
+        if self._ema_backbone is None:
+            return
+        cfg = self.config
+        momentum = teacher_momentum(int(self.global_step) - 1, cfg.momentum_total_steps, cfg.teacher_momentum)
+        self._ema_backbone.update(self._student, momentum)
+        self._ema_head.update(self.student_head, momentum)
+        self._centre.update(cfg.center_momentum)
+
+    # ------------------------------------------------------------- persistence
+    def hidden_state(self) -> dict[str, torch.Tensor]:
+        if self._ema_backbone is None:
+            return {}
+        state = {f"teacher.{k}": v for k, v in self._ema_backbone.module.state_dict().items()}
+        state.update({f"teacher_head.{k}": v for k, v in self._ema_head.module.state_dict().items()})
+        state["center"] = self._centre.value
+        return state
+
+    def load_hidden_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.hidden_state())
+        if set(state) != expected:
+            raise ValueError(f"ccd hidden state: missing {sorted(expected - set(state))[:5]}, "
+                             f"unexpected {sorted(set(state) - expected)[:5]}")
+        self._ema_backbone.module.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("teacher.")})
+        self._ema_head.module.load_state_dict(
+            {k[13:]: v for k, v in state.items() if k.startswith("teacher_head.")})
+        self._centre.value.copy_(state["center"])
+
+    def save_student(self, student: nn.Module, directory: str) -> None:
+        """The student backbone in its native format at the top level, plus the EMA teacher backbone (the
+        encoder CCD recommends for downstream fine-tuning) in `ccd_teacher_encoder/` and a note
+        `ccd_export.json` saying which is which."""
+        from vlmdistill.io import save_student
+
+        super().save_student(student, directory)
+        if self.teacher is not None:
+            save_student(self.teacher, os.path.join(directory, TEACHER_ENCODER_DIR))
+        with open(os.path.join(directory, EXPORT_NOTE_NAME), "w") as fh:
+            json.dump({"student_backbone": ".", "teacher_encoder": TEACHER_ENCODER_DIR,
+                       "use_for_downstream": TEACHER_ENCODER_DIR,
+                       "note": "CCD initialises recognisers from the EMA teacher encoder; the heads (segmentation, "
+                               "DINO) are training-only and live in vlmdistill_plugin_state.safetensors"},
+                      fh, indent=2)
+            fh.write("\n")
+
+    @classmethod
+    def load_student(cls, student: nn.Module | None, directory: str) -> nn.Module:
+        """Like the core loader, but tolerant of modules the saved student never had: rebuilding a transformers
+        model with `from_pretrained` uses default constructor arguments, so a `ViTModel(add_pooling_layer=False)`
+        comes back with a freshly initialised pooler. Those extra, not-loaded tensors are ignored."""
+        if student is not None and hasattr(student, "config") and hasattr(type(student), "from_pretrained") \
+                and not is_peft_model(student):
+            dtype = next(student.parameters()).dtype
+            loaded, info = type(student).from_pretrained(directory, dtype=dtype, output_loading_info=True)
+            own, saved = student.state_dict(), loaded.state_dict()
+            if set(own) <= set(saved) and set(saved) - set(own) <= set(info.get("missing_keys", ())):
+                student.load_state_dict({k: saved[k] for k in own})
+                return student
+        return super().load_student(student, directory)
+
+    def extra_repr(self) -> str:
+        kind = self.spec.kind if self.spec is not None else None
+        return f"name={self.name!r}, backbone={kind}, out_dim={self.config.out_dim}"
+

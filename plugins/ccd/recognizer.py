@@ -1,0 +1,95 @@
+"""Downstream use of a CCD-pretrained encoder: export the EMA teacher and fine-tune a small CTC recogniser."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import describe_backbone, patch_tokens
+
+DEFAULT_CHARSET = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _plugin_of(wrapped: nn.Module):
+    model = wrapped  # peel DDP / accelerate wrappers
+    while not hasattr(model, "plugin") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    plugin = getattr(model, "plugin", None)
+    if plugin is None or getattr(plugin, "name", None) != "ccd":
+        raise TypeError(f"expected a model returned by vlmdistill.wrap(..., plugin='ccd'), got {type(wrapped).__name__}")
+    return plugin
+
+
+def teacher_encoder(wrapped: nn.Module) -> nn.Module:
+    """A trainable copy of the EMA teacher backbone: the encoder to initialise a recogniser from."""
+    encoder = copy.deepcopy(_plugin_of(wrapped).teacher)
+    encoder.requires_grad_(True)
+    return encoder.train()
+
+
+def export_teacher_encoder(wrapped: nn.Module, directory: str) -> str:
+    """Write the EMA teacher backbone in the student's native format (`save_pretrained` for transformers and
+    CCD ViTs, `model.safetensors` otherwise) and return `directory`. It loads like the student class:
+    `CCDViT.from_pretrained(directory)`, `ViTModel.from_pretrained(directory)`."""
+    from vlmdistill.io import save_student
+
+    os.makedirs(directory, exist_ok=True)
+    save_student(_plugin_of(wrapped).teacher, directory)
+    return directory
+
+
+class CTCRecognizer(nn.Module):
+    """ViT encoder -> average over token rows -> LayerNorm + linear -> CTC over the token columns.
+
+    Works with encoders whose output has `last_hidden_state` (the CCD ViT, transformers ViT/DeiT). With 4-pixel
+    patches a 128-pixel-wide image gives 32 time steps.
+    """
+
+    def __init__(self, encoder: nn.Module, charset: str = DEFAULT_CHARSET) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.charset = charset
+        spec = describe_backbone(encoder)
+        self.patch_size = spec.patch_size
+        self.norm = nn.LayerNorm(spec.width)
+        self.classifier = nn.Linear(spec.width, len(charset) + 1)  # index 0 = CTC blank
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, T, classes]` log-probabilities, T = image width / patch width."""
+        h, w = pixel_values.shape[-2:]
+        grid = (h // self.patch_size[0], w // self.patch_size[1])
+        tokens = patch_tokens(self.encoder(pixel_values=pixel_values).last_hidden_state, grid)
+        columns = tokens.view(tokens.shape[0], grid[0], grid[1], -1).mean(1)
+        return F.log_softmax(self.classifier(self.norm(columns)).float(), dim=-1)
+
+    def encode(self, words: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = {c: i + 1 for i, c in enumerate(self.charset)}
+        unknown = {c for word in words for c in word if c not in index}
+        if unknown:
+            raise ValueError(f"characters {sorted(unknown)} are not in the recogniser's charset")
+        targets = torch.tensor([index[c] for word in words for c in word], dtype=torch.long)
+        return targets, torch.tensor([len(word) for word in words], dtype=torch.long)
+
+    def loss(self, pixel_values: torch.Tensor, words: list[str]) -> torch.Tensor:
+        log_probs = self(pixel_values)
+        targets, lengths = self.encode(words)
+        steps = torch.full((log_probs.shape[0],), log_probs.shape[1], dtype=torch.long)
+        return F.ctc_loss(log_probs.transpose(0, 1), targets, steps, lengths, blank=0, zero_infinity=True)
+
+    @torch.no_grad()
+    def decode(self, pixel_values: torch.Tensor) -> list[str]:
+        """Greedy CTC decoding: best class per step, repeats merged, blanks dropped."""
+        best = self(pixel_values).argmax(-1).tolist()
+        words = []
+        for row in best:
+            chars, previous = [], 0
+            for k in row:
+                if k != previous and k != 0:
+                    chars.append(self.charset[k - 1])
+                previous = k
+            words.append("".join(chars))
+        return words
