@@ -27,7 +27,9 @@ def task_ce_sums(logits: torch.Tensor, labels: torch.Tensor, row_weight: torch.T
     """(Σ CE, Σ weight·CE) over supervised rows; `row_weight` `[B, T]` is the CE weight of each logit row."""
     rows = supervised(labels)
     b, t = rows.nonzero(as_tuple=True)
-    ce = F.cross_entropy(logits[b, t].float(), labels[b, t + 1], reduction="none")
+    rows_logits = logits[b, t]
+    ce = F.cross_entropy(rows_logits if rows_logits.dtype == torch.float64 else rows_logits.float(),
+                         labels[b, t + 1], reduction="none")
     return ce.sum(), (ce * row_weight[b, t].to(ce.dtype)).sum()
 
 
@@ -40,7 +42,8 @@ def kd_sum(student_rows: torch.Tensor, teacher_hidden: torch.Tensor, head: Calla
         s = student_rows[start:start + chunk_rows, :width]
         t = head(teacher_hidden[start:start + chunk_rows])[:, :width].to(s.device)
         if teacher_grad:
-            rows = reference_divergence(s.float(), t.float(), kind=kind, temperature=temperature, jsd_beta=jsd_beta)
+            wide = torch.promote_types(s.dtype, torch.float32)
+            rows = reference_divergence(s.to(wide), t.to(wide), kind=kind, temperature=temperature, jsd_beta=jsd_beta)
             total = total + rows.sum()
         else:
             total = total + divergence_loss(s, t, kind=kind, temperature=temperature, jsd_beta=jsd_beta,

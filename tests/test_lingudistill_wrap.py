@@ -1,0 +1,151 @@
+"""Wrapping LinguDistill: compatibility refusals, unsupported models, PEFT base teachers, attention backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from contract_cases.lingudistill import (collate, independent_teacher, language_model_copy, text_config, tiny_llava,
+                                         vlm_example)
+
+import vlmdistill
+from vlmdistill.errors import ConfigError, IncompatibleTeacherError, UnsupportedModelError
+
+
+def _batch(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    batch = collate([vlm_example("llava", g, image_at=2), vlm_example("llava", g, image_at=3)])
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+
+
+def _llama_teacher(**changes):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    return LlamaForCausalLM(LlamaConfig(**{**text_config(), **changes}))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_hidden_layers": 3}, "num_hidden_layers differs (student 2 vs teacher 3)"),
+    ({"num_key_value_heads": 1}, "num_key_value_heads differs (student 2 vs teacher 1)"),
+    ({"head_dim": 16}, "head_dim differs (student 8 vs teacher 16)"),
+    ({"hidden_size": 48, "num_attention_heads": 6}, "hidden_size differs (student 32 vs teacher 48)"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+     "rope_theta (RoPE base) differs (student 10000.0 vs teacher 500000.0)"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+     "rope_type differs (student 'default' vs teacher 'linear')"),
+])
+def test_incompatible_teacher_is_refused_naming_both_values(changes, message):
+    student = tiny_llava()
+    with pytest.raises(IncompatibleTeacherError) as err:
+        vlmdistill.wrap(student, plugin="lingudistill", teacher=_llama_teacher(**changes))
+    assert message in str(err.value)
+    assert student.config.text_config._attn_implementation == "sdpa"  # nothing was attached
+
+
+def test_qwen2_vl_student_takes_a_qwen2_teacher_despite_mrope():
+    from contract_cases.lingudistill import tiny_qwen2_vl
+
+    student = tiny_qwen2_vl()
+    vlmdistill.wrap(student, plugin="lingudistill", teacher=independent_teacher(student)).unwrap()
+
+
+def test_text_only_student_is_refused():
+    student = _llama_teacher()
+    with pytest.raises(UnsupportedModelError, match="does not know the model family 'llama'.*image token ids"):
+        vlmdistill.wrap(student, plugin="lingudistill", teacher=_llama_teacher())
+
+
+def test_paligemma_is_refused_with_the_reason():
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    cfg = PaliGemmaConfig(text_config=dict(model_type="gemma", vocab_size=80, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                           head_dim=8),
+                          vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=16, patch_size=8),
+                          image_token_id=79, projection_dim=32)
+    with pytest.raises(UnsupportedModelError, match="'paligemma'.*bidirectionally"):
+        vlmdistill.wrap(PaliGemmaForConditionalGeneration(cfg), plugin="lingudistill", teacher=_llama_teacher())
+
+
+def test_unsupported_attention_implementation_is_refused():
+    student = tiny_llava()
+    student.set_attn_implementation({"text_config": "flex_attention"})
+    with pytest.raises(UnsupportedModelError, match="'flex_attention'.*set_attn_implementation"):
+        vlmdistill.wrap(student, plugin="lingudistill", teacher=independent_teacher(student))
+
+
+def _lora_student():
+    from peft import LoraConfig, get_peft_model
+
+    student = tiny_llava(seed=1, dtype=torch.float64)
+    base_copy = language_model_copy(student)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|down_proj)")
+    peft_student = get_peft_model(student, lora)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_student.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # adapters that actually change the language model
+    return peft_student, base_copy
+
+
+@pytest.mark.parametrize("teacher_arg", ["base", None])
+def test_peft_student_distils_from_its_own_base_weights(teacher_arg):
+    peft_student, base_copy = _lora_student()
+    batch = _batch()
+    explicit = vlmdistill.wrap(peft_student, plugin="lingudistill", teacher=base_copy)
+    want = explicit.plugin.paired_logits(peft_student, batch)
+    vlmdistill.unwrap(explicit)
+
+    params_before = {p.data_ptr() for p in peft_student.parameters()}
+    wrapped = vlmdistill.wrap(peft_student, plugin="lingudistill", teacher=teacher_arg)
+    plugin = wrapped.plugin
+    assert plugin._teacher_is_student_base and plugin.teacher is peft_student
+    # No second copy: every tensor the teacher reads is one of the student's own parameters.
+    teacher_params = {p.data_ptr() for p in plugin._teacher_lm.decoder.parameters()}
+    teacher_params |= {p.data_ptr() for p in plugin._teacher_lm.head.parameters()}
+    assert teacher_params <= params_before
+    assert {p.data_ptr() for p in wrapped.parameters()} == params_before
+    got = plugin.paired_logits(peft_student, batch)
+    torch.testing.assert_close(got["teacher"], want["teacher"], rtol=1e-9, atol=1e-10)
+    assert (got["teacher"] - got["student"]).abs().max() > 1e-3  # the adapters do change the student
+
+    peft_student.train()
+    out = wrapped(**batch)
+    out.loss.backward()
+    assert peft_student.training  # the teacher pass gave the student its mode back
+    lora_grads = [p.grad for n, p in peft_student.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)
+
+
+def test_base_teacher_refuses_the_undetached_ablation():
+    peft_student, _ = _lora_student()
+    with pytest.raises(ConfigError, match="detach_shared_kv=False needs a separate teacher"):
+        vlmdistill.wrap(peft_student, plugin="lingudistill", teacher="base", detach_shared_kv=False)
+
+
+def test_triton_kernel_needs_a_supported_head_dim():
+    student = tiny_llava()
+    with pytest.raises(ConfigError, match="head_dim in"):
+        vlmdistill.wrap(student, plugin="lingudistill", teacher=independent_teacher(student), kernel="triton")
+
+
+def test_triton_kernel_gives_the_torch_teacher_logits():
+    """End to end: the teacher's two-source attention through the fused Triton kernel (the interpreter on the
+    CPU) equals the masked-SDPA path."""
+    from vlmdistill.plugins.lingudistill.two_source import fused_kernel
+
+    if fused_kernel() is None:
+        pytest.skip("vlmdistill.kernels is not installed")
+    student = tiny_llava(seed=1, hidden=64, heads=2, kv_heads=1)  # head_dim 32: a kernel size
+    teacher = independent_teacher(student)
+    batch = _batch(torch.float32)
+    got = {}
+    for kernel in ("torch", "triton"):
+        wrapped = vlmdistill.wrap(student, plugin="lingudistill", teacher=teacher, kernel=kernel)
+        got[kernel] = wrapped.plugin.paired_logits(student, batch)
+        vlmdistill.unwrap(wrapped)
+    assert torch.equal(got["torch"]["rows"], got["triton"]["rows"])
+    torch.testing.assert_close(got["triton"]["teacher"], got["torch"]["teacher"], rtol=1e-4, atol=1e-5)
+    assert (got["torch"]["teacher"] - got["torch"]["student"]).abs().max() > 1e-3
