@@ -49,7 +49,7 @@ def variants():
 
     for dtype, head_dim, group, has_seg, has_valid in (
             ("bfloat16", 64, 3, False, True), ("bfloat16", 64, 3, True, False), ("float16", 32, 1, True, True),
-            ("float32", 128, 4, False, False), ("bfloat16", 128, 2, True, True)):
+            ("float32", 128, 4, False, False), ("bfloat16", 128, 2, True, True), ("float32", 16, 2, True, True)):
         precision = "ieee" if dtype == "float32" else "tf32"
         common = dict(GROUP=group, HEAD_DIM=head_dim, HAS_SEG=has_seg, CAST_FP32=False, DOT_PRECISION=precision)
         torch_dtype = getattr(torch, dtype)

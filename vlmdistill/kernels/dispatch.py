@@ -5,17 +5,30 @@ The Triton module is imported lazily, on the first Triton call, so `import vlmdi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from .inputs import KERNEL_DTYPES, MaskSpec, Shapes, check_tensors, default_scale, normalize_masks
 from .reference import attention_from_masks
 
 Backend = Literal["auto", "torch", "triton"]
 BACKENDS = ("auto", "torch", "triton")
-KERNEL_HEAD_DIMS = (32, 64, 128)
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # compiled as they are; other head dims up to 128 are zero-padded to these
+MAX_KERNEL_HEAD_DIM = 128
+
+
+def triton_supports_head_dim(head_dim: int) -> bool:
+    return 1 <= head_dim <= MAX_KERNEL_HEAD_DIM
+
+
+def kernel_head_dim(head_dim: int) -> int:
+    """The head dim the kernel runs at: the next of KERNEL_HEAD_DIMS. Zero columns change neither q.k nor the
+    softmax, and the output's extra columns are 0."""
+    return next(d for d in KERNEL_HEAD_DIMS if d >= head_dim)
 
 
 def _triton_module():
@@ -35,8 +48,8 @@ def _triton_refusal(shapes: Shapes, dtype: torch.dtype, device: torch.device) ->
                 f"got {device}")
     if dtype not in KERNEL_DTYPES:
         return f"the Triton kernel supports float16, bfloat16 and float32 inputs; got {dtype}"
-    if shapes.head_dim not in KERNEL_HEAD_DIMS:
-        return f"the Triton kernel supports head_dim in {KERNEL_HEAD_DIMS}; got {shapes.head_dim}"
+    if not triton_supports_head_dim(shapes.head_dim):
+        return f"the Triton kernel supports head_dim up to {MAX_KERNEL_HEAD_DIM}; got {shapes.head_dim}"
     return None
 
 
@@ -103,7 +116,8 @@ def two_source_attention(q, k_shared, v_shared, k_own, v_own, *, pos_q, pos_shar
     lse = -inf (never NaN).
 
     scale: multiplies q.k (default 1/sqrt(D)).
-    backend: "auto" (Triton for CUDA tensors when dtype is fp16/bf16/fp32 and D is 32/64/128, else torch),
+    backend: "auto" (Triton for CUDA tensors when dtype is fp16/bf16/fp32 and D <= 128, else torch; a D other than
+      16/32/64/128 is zero-padded to the next of those, at the cost of a copy),
       "torch" (reference; any device; float64 inputs give float64 lse) or "triton" (raises if it cannot run).
 
     Gradients: both backends differentiate `out` with respect to q and all four K/V tensors (the Triton backend
@@ -121,6 +135,12 @@ def two_source_attention(q, k_shared, v_shared, k_own, v_own, *, pos_q, pos_shar
         return attention_from_masks(q, k_shared, v_shared, k_own, v_own, masks, scale)
     kernel_masks = masks.for_kernel()
     tensors = (q, k_shared, v_shared, k_own, v_own)
+    padded_dim = kernel_head_dim(shapes.head_dim)
+    if padded_dim != shapes.head_dim:
+        tensors = tuple(F.pad(t, (0, padded_dim - shapes.head_dim)) for t in tensors)
+        shapes = dataclasses.replace(shapes, head_dim=padded_dim)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _TwoSourceAttention.apply(*tensors, kernel_masks, shapes, scale)
-    return _triton_module().two_source_forward(*tensors, kernel_masks, shapes, scale)
+        out, lse = _TwoSourceAttention.apply(*tensors, kernel_masks, shapes, scale)
+    else:
+        out, lse = _triton_module().two_source_forward(*tensors, kernel_masks, shapes, scale)
+    return out[..., :q.shape[-1]], lse
