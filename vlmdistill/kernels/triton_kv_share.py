@@ -9,8 +9,8 @@ Layout of the work (see README.md in this folder for the design):
   per-element mask on tiles that are fully visible;
 * softmax is accumulated in base 2 with fp32 state; the output is normalised once at the end.
 
-Import this module only through the dispatcher: `TRITON_INTERPRET=1` must be set before it is imported for the
-kernels to run on a CPU.
+Import this module only through the dispatcher. To run the kernels on a CPU, `TRITON_INTERPRET=1` must be set
+before triton itself is first imported.
 """
 
 from __future__ import annotations
@@ -30,9 +30,6 @@ LOG2E = 1.4426950408889634
 _FAR = tl.constexpr(1 << 30)  # beyond any position or segment id: neutral element of the tile min/max
 _LN2 = tl.constexpr(0.6931471805599453)
 _LOG2E = tl.constexpr(1.4426950408889634)
-
-SHARED, OWN = 0, 1
-SKIPPED, FULL, MASKED = 0, 1, 2
 
 
 @dataclass(frozen=True)
