@@ -26,7 +26,7 @@ from torch import nn
 from vlmdistill.errors import UnsupportedModelError
 from vlmdistill.hooks import ActivationCapture
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
-from vlmdistill.teachers import EMATeacher, is_peft_model, module_device
+from vlmdistill.teachers import EMATeacher, module_device
 
 from .backbones import BackboneSpec, describe_backbone, patch_tokens
 from .config import CCDConfig
@@ -227,8 +227,9 @@ class CCDPlugin(DistillationPlugin):
         """Like the core loader, but tolerant of modules the saved student never had: rebuilding a transformers
         model with `from_pretrained` uses default constructor arguments, so a `ViTModel(add_pooling_layer=False)`
         comes back with a freshly initialised pooler. Those extra, not-loaded tensors are ignored."""
-        if student is not None and hasattr(student, "config") and hasattr(type(student), "from_pretrained") \
-                and not is_peft_model(student):
+        from transformers import PreTrainedModel
+
+        if isinstance(student, PreTrainedModel):
             dtype = next(student.parameters()).dtype
             loaded, info = type(student).from_pretrained(directory, dtype=dtype, output_loading_info=True)
             own, saved = student.state_dict(), loaded.state_dict()

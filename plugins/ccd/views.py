@@ -174,6 +174,8 @@ def _filter_kernel(p: Photometric, k: int = 5) -> torch.Tensor:
 def apply_photometric(images: torch.Tensor, params: list[Photometric]) -> torch.Tensor:
     """Apply per-sample photometric parameters to `[B, 3, H, W]` images in [0, 1], batched."""
     b, c, h, w = images.shape
+    if all(p == Photometric(seed=p.seed) for p in params):
+        return images
     dev, dt = images.device, images.dtype
     col = lambda values: torch.tensor(values, device=dev, dtype=dt).view(b, 1, 1, 1)  # noqa: E731
     x = images
@@ -207,7 +209,8 @@ def apply_photometric(images: torch.Tensor, params: list[Photometric]) -> torch.
         padded = F.pad(x.reshape(1, b * c, h, w), (2, 2, 2, 2), mode="replicate")
         x = F.conv2d(padded, kernels, groups=b * c).view(b, c, h, w).clamp(0, 1)
     # contrast: gamma, linear contrast about mid-grey
-    x = x.clamp_min(1e-6) ** col([p.gamma for p in params])
+    gamma = col([p.gamma for p in params])
+    x = torch.where(gamma != 1, x.clamp_min(1e-6) ** gamma, x)
     x = 0.5 + col([p.contrast for p in params]) * (x - 0.5)
     return x.clamp(0, 1)
 
