@@ -1,0 +1,305 @@
+"""Does DC-CLIP's two-stage distillation give a better small bilingual CLIP? (`vlmdistill demo dcclip`)
+
+Real images (scikit-learn's 8x8 handwritten digits) get English and Chinese captions from several
+templates each ("a photo of the digit seven." / "数字七的照片。"), written as webdataset shards. A
+byte-level BPE tokenizer trained on those captions is shared by every model. A larger CLIP teacher
+(transformers CLIPModel) is trained briefly with symmetric InfoNCE; then a ~10x smaller student is
+trained with the same step budget (a) from scratch with InfoNCE, and (b) with DC-CLIP: stage 1
+feature distillation from cached teacher features, stage 2 InfoNCE. Each model is exported as a
+plain transformers folder and evaluated zero-shot on held-out digits by the ELEVATER harness with
+English and with Chinese prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+import vlmdistill
+from vlmdistill.data.digits import (CAPTION_TEMPLATES_EN, CAPTION_TEMPLATES_ZH, DIGIT_NAMES_EN, DIGIT_NAMES_ZH,
+                                    digit_caption, load_digits_images)
+
+IMAGE_SIZE = 24          # digits are 8x8; both models see them upscaled (bicubic) to 24x24
+TEACHER = dict(hidden=96, layers=3, heads=4, patch=4, projection=64)    # 6x6 patch grid
+STUDENT = dict(hidden=32, layers=2, heads=2, patch=8, projection=32)    # 3x3 patch grid
+BATCH = 64
+LR = 2e-3
+
+
+# ---------------------------------------------------------------------------- data
+
+def _digit_pixels(images: torch.Tensor) -> list[np.ndarray]:
+    return [(img[0].numpy() * 255).round().astype(np.uint8) for img in images]
+
+
+def build_data(workdir: str, *, quick: bool) -> dict[str, Any]:
+    """Training shards (one English and one Chinese caption per training image), the held-out
+    evaluation set in the IRIS layout, and the shared tokenizer."""
+    from vlmdistill.eval.elevater.dataset_writers import write_iris
+    from vlmdistill.plugins.dcclip.data import ImageTextSample, write_image_text_shards
+    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+    from PIL import Image
+
+    train_x, train_y, test_x, test_y = load_digits_images(size=8, seed=0)
+    if quick:
+        train_x, train_y, test_x, test_y = train_x[:256], train_y[:256], test_x[:100], test_y[:100]
+    rng = np.random.default_rng(0)
+    samples = []
+    for i, (pixels, label) in enumerate(zip(_digit_pixels(train_x), train_y.tolist())):
+        for language in ("en", "zh"):
+            template = int(rng.integers(4))
+            samples.append(ImageTextSample(f"digit{i:05d}_{language}", np.repeat(pixels[:, :, None], 3, axis=2),
+                                           digit_caption(label, language, template), language))
+    order = rng.permutation(len(samples))
+    samples = [samples[i] for i in order]
+    shards = os.path.join(workdir, "train_shards")
+    write_image_text_shards(samples, shards, samples_per_shard=800)
+    eval_dir = os.path.join(workdir, "eval_digits")
+    test_images = [Image.fromarray(p).convert("RGB") for p in _digit_pixels(test_x)]
+    write_iris(eval_dir, test_images, [(int(y),) for y in test_y.tolist()], DIGIT_NAMES_EN)
+    captions = [digit_caption(label, language, t) for label in range(10) for language in ("en", "zh")
+                for t in range(4)]
+    tokenizer = train_caption_tokenizer(captions, vocab_size=400, max_length=32)
+    tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    return {"shards": shards, "eval": eval_dir, "tokenizer": tokenizer, "num_train_images": len(train_y),
+            "num_train_samples": len(samples), "num_test_images": len(test_y)}
+
+
+def make_loader(shards: str, tokenizer, *, seed: int, shuffle: bool = True):
+    from vlmdistill.plugins.dcclip.data import ClipImageTransform, ImageTextCollator, ImageTextShards
+
+    dataset = ImageTextShards(shards, ClipImageTransform(IMAGE_SIZE), tokenizer, max_length=32,
+                              shuffle_buffer=1000 if shuffle else 0, shardshuffle=4 if shuffle else False, seed=seed)
+    collate = ImageTextCollator(tokenizer.pad_token_id)
+    return dataset, collate
+
+
+def batches(dataset, collate, batch_size: int = BATCH):
+    """An endless stream of full batches; each pass over the shards is one epoch."""
+    epoch = 0
+    while True:
+        dataset.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, drop_last=True,
+                                             num_workers=0)
+        yield from loader
+        epoch += 1
+
+
+def model_inputs(batch: dict[str, Any], keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    names = ("pixel_values", "input_ids", "attention_mask", *keep)
+    return {k: batch[k] for k in names if k in batch}
+
+
+# ---------------------------------------------------------------------------- models & training
+
+def make_clip(size: dict, vocab: int, seed: int):
+    from vlmdistill.plugins.dcclip.testing import tiny_hf_clip
+
+    return tiny_hf_clip(hidden=size["hidden"], layers=size["layers"], heads=size["heads"], patch=size["patch"],
+                        image_size=IMAGE_SIZE, vocab=vocab, max_positions=32, projection=size["projection"],
+                        seed=seed)
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def train(wrapped, stream, steps: int, *, lr: float = LR, keep: tuple[str, ...] = (), label: str = "") -> list[dict]:
+    """A hand-written loop: AdamW, linear warm-up then cosine decay, `step_end()` after each step."""
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(s, steps) / steps)))
+    wrapped.train()
+    history = []
+    for step in range(steps):
+        batch = next(stream)
+        out = wrapped(**model_inputs(batch, keep))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        stage = int(wrapped.plugin.stage)  # the stage this step trained in (step_end may switch it)
+        wrapped.step_end()
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            terms = {k: round(float(v), 4) for k, v in out.loss_terms.items()}
+            history.append({"step": step + 1, "stage": stage, "loss": round(float(out.loss.detach()), 4), **terms})
+            print(f"  {label} step {step + 1}/{steps} stage {stage} loss {float(out.loss.detach()):.4f} {terms}",
+                  flush=True)
+    return history
+
+
+def export(model, tokenizer, directory: str) -> str:
+    """The student as an ordinary transformers folder (model + tokenizer), nothing of vlmdistill."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def zero_shot(model_dir: str, eval_dir: str) -> dict[str, float]:
+    """Top-1 accuracy with English and with Chinese prompts, through the ELEVATER harness."""
+    from vlmdistill.eval.elevater.adapters import load_model
+    from vlmdistill.eval.elevater.readers import read_dataset
+    from vlmdistill.eval.elevater.runner import evaluate_zero_shot
+    from vlmdistill.eval.elevater.tasks import TaskSpec
+
+    model = load_model(model_dir, kind="hf")
+    data = read_dataset(eval_dir)
+    out = {}
+    for language, names, templates in (("en", DIGIT_NAMES_EN, CAPTION_TEMPLATES_EN),
+                                       ("zh", DIGIT_NAMES_ZH, CAPTION_TEMPLATES_ZH)):
+        spec = TaskSpec(name="digits", classnames=tuple(names), templates=tuple(templates), language=language)
+        result = evaluate_zero_shot(model, spec, data, protocol="elevater", batch_size=256, progress=False)
+        out[language] = float(result["metrics"]["acc1"])
+    return out
+
+
+# ---------------------------------------------------------------------------- the experiment
+
+def run(output_dir: str, seeds: list[int], quick: bool = False) -> dict[str, Any]:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    started = time.perf_counter()
+    workdir = os.path.join(output_dir, "work")
+    shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(workdir, exist_ok=True)
+    teacher_steps, student_steps = (12, 12) if quick else (300, 300)
+    stage1_steps = student_steps // 2
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    data = build_data(workdir, quick=quick)
+    tokenizer = data["tokenizer"]
+    vocab = len(tokenizer)
+    timings["data"] = time.perf_counter() - t0
+
+    print(f"[dcclip demo] teacher: {teacher_steps} InfoNCE steps", flush=True)
+    t0 = time.perf_counter()
+    teacher = make_clip(TEACHER, vocab, seed=1000)
+    dataset, collate = make_loader(data["shards"], tokenizer, seed=1000)
+    wrapped = vlmdistill.wrap(teacher, plugin="dcclip", stage=2)  # stage 2 alone = plain CLIP training
+    teacher_history = train(wrapped, batches(dataset, collate), teacher_steps, label="teacher")
+    teacher = vlmdistill.unwrap(wrapped).eval()
+    teacher_dir = export(teacher, tokenizer, os.path.join(workdir, "teacher"))
+    timings["teacher_train"] = time.perf_counter() - t0
+
+    # Teacher features once, over the unshuffled training shards: stage 1 then runs no teacher forward.
+    t0 = time.perf_counter()
+    cache_dir = os.path.join(workdir, "teacher_cache")
+    dataset, collate = make_loader(data["shards"], tokenizer, seed=0, shuffle=False)
+    builder = vlmdistill.wrap(make_clip(STUDENT, vocab, seed=0), plugin="dcclip", teacher=teacher, stage=1,
+                              data_fingerprint=dataset.fingerprint())
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, collate_fn=collate)
+    builder.plugin.build_teacher_cache(loader, cache_dir, progress=False)
+    vlmdistill.unwrap(builder)
+    timings["teacher_cache"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    teacher_acc = zero_shot(teacher_dir, data["eval"])
+    timings["eval"] = time.perf_counter() - t0
+    rows = [{"model": "teacher", "seed": 1000, "params": parameter_count(teacher), "steps": teacher_steps,
+             **teacher_acc}]
+    histories: dict[str, Any] = {"teacher": teacher_history}
+    for seed in seeds:
+        print(f"[dcclip demo] seed {seed}: student from scratch, {student_steps} InfoNCE steps", flush=True)
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        dataset, collate = make_loader(data["shards"], tokenizer, seed=seed)
+        scratch = vlmdistill.wrap(make_clip(STUDENT, vocab, seed=seed), plugin="dcclip", stage=2)
+        histories[f"scratch/{seed}"] = train(scratch, batches(dataset, collate), student_steps, label="scratch")
+        scratch_dir = export(vlmdistill.unwrap(scratch), tokenizer, os.path.join(workdir, f"scratch_{seed}"))
+        timings[f"scratch_{seed}"] = time.perf_counter() - t0
+
+        print(f"[dcclip demo] seed {seed}: DC-CLIP student, stage 1 for {stage1_steps} steps (cached teacher "
+              f"features), stage 2 for {student_steps - stage1_steps}", flush=True)
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        dataset, collate = make_loader(data["shards"], tokenizer, seed=seed)
+        distilled = vlmdistill.wrap(make_clip(STUDENT, vocab, seed=seed), plugin="dcclip", teacher=teacher, stage=1,
+                                    switch_at_step=stage1_steps, teacher_cache=cache_dir,
+                                    data_fingerprint=dataset.fingerprint(), student_tokenizer=tokenizer,
+                                    teacher_tokenizer=tokenizer)
+        histories[f"dcclip/{seed}"] = train(distilled, batches(dataset, collate), student_steps,
+                                            keep=("sample_key", "augmentation_seed"), label="dcclip")
+        assert int(distilled.plugin.switched_at_step) == stage1_steps
+        dcclip_dir = export(vlmdistill.unwrap(distilled), tokenizer, os.path.join(workdir, f"dcclip_{seed}"))
+        timings[f"dcclip_{seed}"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        for name, directory, model in (("student (scratch)", scratch_dir, scratch.student),
+                                       ("student (DC-CLIP)", dcclip_dir, distilled.student)):
+            rows.append({"model": name, "seed": seed, "params": parameter_count(model), "steps": student_steps,
+                         **zero_shot(directory, data["eval"])})
+        timings["eval"] += time.perf_counter() - t0
+
+    summary = _summarise(rows)
+    results = {"experiment": "dcclip-digits", "quick": quick, "seeds": seeds, "rows": rows, "summary": summary,
+               "setup": {"image_size": IMAGE_SIZE, "teacher": TEACHER, "student": STUDENT, "batch": BATCH, "lr": LR,
+                         "teacher_steps": teacher_steps, "student_steps": student_steps,
+                         "stage1_steps": stage1_steps, "tokenizer_vocab": vocab,
+                         "train_images": data["num_train_images"], "train_samples": data["num_train_samples"],
+                         "test_images": data["num_test_images"], "torch_threads": torch.get_num_threads()},
+               "timings_s": {k: round(v, 1) for k, v in timings.items()},
+               "wall_time_s": round(time.perf_counter() - started, 1), "histories": histories}
+    return results
+
+
+def _summarise(rows: list[dict]) -> list[dict]:
+    out = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        group = [r for r in rows if r["model"] == name]
+        entry = {"model": name, "params": group[0]["params"], "runs": len(group)}
+        for language in ("en", "zh"):
+            values = [r[language] for r in group]
+            entry[f"{language}_mean"] = statistics.mean(values)
+            entry[f"{language}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out.append(entry)
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = ["| model | params | runs (seeds) | zero-shot acc, English prompts | zero-shot acc, Chinese prompts |",
+             "|---|---:|---:|---:|---:|"]
+    for e in results["summary"]:
+        lines.append(f"| {e['model']} | {e['params']:,} | {e['runs']} | {100 * e['en_mean']:.1f} ± "
+                     f"{100 * e['en_std']:.1f} | {100 * e['zh_mean']:.1f} ± {100 * e['zh_std']:.1f} |")
+    lines += ["", "Per seed:", "", "| model | seed | English | Chinese |", "|---|---:|---:|---:|"]
+    for r in results["rows"]:
+        lines.append(f"| {r['model']} | {r['seed']} | {100 * r['en']:.1f} | {100 * r['zh']:.1f} |")
+    s = results["setup"]
+    lines += ["", f"Teacher {s['teacher_steps']} steps; students {s['student_steps']} steps each (DC-CLIP: "
+              f"{s['stage1_steps']} stage-1 + {s['student_steps'] - s['stage1_steps']} stage-2); batch {s['batch']}; "
+              f"{s['train_images']} training images x 2 captions, {s['test_images']} held-out images; "
+              f"wall time {results['wall_time_s']} s ({s['torch_threads']} torch threads)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlmdistill demo dcclip", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", default="runs/demo-dcclip")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--quick", action="store_true", help="a few steps on a subset: a smoke test, not a result")
+    args = parser.parse_args(argv)
+    os.makedirs(args.output_dir, exist_ok=True)
+    results = run(args.output_dir, args.seeds, quick=args.quick)
+    with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as fh:
+        json.dump(results, fh, indent=2, ensure_ascii=False)
+    table = markdown(results)
+    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as fh:
+        fh.write("# DC-CLIP demo: zero-shot digits, English and Chinese prompts\n\n" + table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""dcclip wrap-time checks, model families, gradients, stage 2 and export."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import vlmdistill
+from vlmdistill.errors import ConfigError, IncompatibleTeacherError, UnsupportedModelError
+from vlmdistill.plugins.dcclip.testing import tiny_hf_clip, tiny_open_clip, token_batch
+
+
+def _hf_batch(n=3, seed=0, size=32, length=9):
+    g = torch.Generator().manual_seed(seed + 100)
+    return {**token_batch(n, length=length, seed=seed), "pixel_values": torch.randn(n, 3, size, size, generator=g)}
+
+
+def _open_clip_batch(n=3, seed=0, size=32, context=16):
+    tokens = token_batch(n, length=context, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    return {"image": torch.randn(n, 3, size, size, generator=g), "text": tokens["input_ids"]}
+
+
+def test_gradients_reach_only_the_student_and_the_adapters():
+    student = tiny_hf_clip(hidden=16, layers=1, patch=8, seed=1)
+    teacher = tiny_hf_clip(hidden=32, layers=2, patch=4, projection=24, seed=2)
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, embedding_weight=0.5)
+    wrapped(**_hf_batch()).loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert set(wrapped.plugin.adapters) == {"image", "text", "image_embed", "text_embed"}
+    for name, p in wrapped.plugin.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    towers = {n: p for n, p in student.named_parameters() if n.startswith(("vision_model.encoder", "text_model.encoder"))}
+    assert towers and all(p.grad.abs().sum() > 0 for p in towers.values())
+    # Stage 1 does not train the logit scale: it is touched (zero gradient) only so that DDP sees it.
+    assert float(student.logit_scale.grad) == 0.0
+
+
+FAMILY_PAIRS = [
+    ("clip", "altclip"), ("chinese_clip", "clip"), ("siglip", "clip"), ("clip", "siglip"), ("altclip", "chinese_clip"),
+]
+
+
+@pytest.mark.parametrize("student_family,teacher_family", FAMILY_PAIRS)
+def test_hf_family_pairs_train_in_both_stages(student_family, teacher_family):
+    student = tiny_hf_clip(student_family, hidden=16, layers=1, patch=8, seed=1)
+    teacher = tiny_hf_clip(teacher_family, hidden=32, layers=1, patch=4, projection=24, seed=2)
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, switch_at_step=1, embedding_weight=0.5)
+    optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=0.1)
+    for expected in ({"image", "text", "image_embed", "text_embed"}, {"contrastive"}):
+        out = wrapped(**_hf_batch())
+        assert set(out.loss_terms) == expected
+        assert torch.isfinite(out.loss)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        wrapped.step_end()
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_open_clip_student_with_hf_teacher_and_open_clip_teacher(kind):
+    student, _ = tiny_open_clip(kind, width=32, layers=1, image_size=32, seed=1)
+    hf_teacher = tiny_hf_clip(hidden=32, layers=1, patch=4, vocab=64, seed=2)
+    batch = _open_clip_batch()
+    # Different ways of calling the two models: the teacher reads its own columns.
+    hf_tokens = {"teacher_input_ids": batch["text"][:, :9], "teacher_attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=hf_teacher, text_level="pooled")
+    out = wrapped(**batch, **hf_tokens)
+    assert set(out.loss_terms) == {"image", "text"} and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert wrapped.plugin.adapters["image"].weight.grad.abs().sum() > 0
+    vlmdistill.unwrap(wrapped)
+
+    oc_teacher, _ = tiny_open_clip("vit", width=48, layers=2, patch=4, image_size=32, seed=3)
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=oc_teacher)  # same tokenizer: token level
+    out = wrapped(**batch)
+    assert set(out.loss_terms) == {"image", "text"} and torch.isfinite(out.loss)
+    if kind == "resnet":  # a 1x1 feature map of the ResNet is interpolated onto the 8x8 teacher grid
+        assert wrapped.plugin.student_spec.family == "open_clip:resnet"
+
+
+def test_unsupported_model_and_missing_tap_are_clear_errors():
+    with pytest.raises(UnsupportedModelError, match="not a supported CLIP-style model"):
+        vlmdistill.wrap(nn.Linear(2, 2), plugin="dcclip", teacher=tiny_hf_clip())
+    with pytest.raises(UnsupportedModelError, match="no submodule 'vision_model.no_such'"):
+        vlmdistill.wrap(tiny_hf_clip(seed=1), plugin="dcclip", teacher=tiny_hf_clip(),
+                        teacher_taps={"image_module": "vision_model.no_such"})
+    with pytest.raises(ConfigError, match="needs teacher"):
+        vlmdistill.wrap(tiny_hf_clip(), plugin="dcclip")
+
+
+def test_tap_override_reads_another_layer():
+    teacher = tiny_hf_clip(hidden=32, layers=2, patch=4, seed=2)
+    wrapped = vlmdistill.wrap(tiny_hf_clip(hidden=16, layers=1, seed=1), plugin="dcclip", teacher=teacher,
+                              teacher_taps={"image_module": "vision_model.encoder.layers.0", "image_prefix_tokens": 1})
+    seen = []
+    teacher.vision_model.encoder.layers[0].register_forward_hook(lambda m, i, o: seen.append(o))
+    wrapped(**_hf_batch())
+    assert wrapped.plugin.teacher_spec.image_module == "vision_model.encoder.layers.0" and len(seen) == 1
+
+
+def test_token_level_text_refused_across_tokenizers_pooled_allowed():
+    student = tiny_hf_clip(vocab=64, seed=1)
+    teacher = tiny_hf_clip("altclip", vocab=250, hidden=32, projection=24, seed=2)
+    with pytest.raises(IncompatibleTeacherError, match=r"student vocabulary .*64 tokens.* teacher vocabulary .*250"):
+        vlmdistill.wrap(student, plugin="dcclip", teacher=teacher)
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, text_level="pooled")
+    assert "text" not in wrapped.plugin.adapters and "text_embed" in wrapped.plugin.adapters
+    vlmdistill.unwrap(wrapped)
+    # Equal vocabulary sizes but different tokenizers (given to wrap): refused as well.
+    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+
+    tok_a = train_caption_tokenizer(["a photo of a seven", "数字七"], vocab_size=300)
+    tok_b = train_caption_tokenizer(["a handwritten nine", "手写的九"], vocab_size=300)
+    with pytest.raises(IncompatibleTeacherError, match="tokenizer"):
+        vlmdistill.wrap(student, plugin="dcclip", teacher=tiny_hf_clip(vocab=64, seed=2), student_tokenizer=tok_a,
+                        teacher_tokenizer=tok_b)
+    vlmdistill.wrap(student, plugin="dcclip", teacher=tiny_hf_clip(vocab=64, seed=2), student_tokenizer=tok_a,
+                    teacher_tokenizer=tok_a)
+
+
+def test_token_level_refuses_teacher_ids_that_differ():
+    wrapped = vlmdistill.wrap(tiny_hf_clip(seed=1), plugin="dcclip", teacher=tiny_hf_clip(seed=2))
+    batch = _hf_batch()
+    other = batch["input_ids"].clone()
+    other[:, 1] = (other[:, 1] + 1) % 60 + 4
+    with pytest.raises(IncompatibleTeacherError, match="teacher_input_ids differ"):
+        wrapped(**batch, teacher_input_ids=other, teacher_attention_mask=batch["attention_mask"])
+
+
+def test_stage2_uses_the_students_logit_scale_and_clamps_it():
+    student = tiny_hf_clip(seed=1)
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", stage=2)
+    assert wrapped.plugin.teacher is None and not list(wrapped.plugin.parameters())
+    out = wrapped(**_hf_batch())
+    out.loss.backward()
+    assert student.logit_scale.grad is not None and float(student.logit_scale.grad) != 0.0
+    with torch.no_grad():
+        student.logit_scale.fill_(10.0)
+    wrapped.step_end()
+    assert float(student.logit_scale.detach()) == pytest.approx(math.log(100.0))
+
+    own = vlmdistill.wrap(tiny_hf_clip(seed=1), plugin="dcclip", stage=2, logit_scale="plugin")
+    assert float(own.plugin.own_logit_scale) == pytest.approx(math.log(1 / 0.07))
+    own(**_hf_batch()).loss.backward()
+    assert float(own.plugin.own_logit_scale.grad) != 0.0
+
+
+def test_export_hf_student_is_plain_transformers_without_adapters(tmp_path):
+    from transformers import CLIPModel
+
+    student = tiny_hf_clip(hidden=16, layers=1, seed=1)
+    keys = list(student.state_dict())
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=tiny_hf_clip(hidden=32, patch=4, seed=2))
+    wrapped(**_hf_batch()).loss.backward()
+    exported = vlmdistill.unwrap(wrapped)
+    assert list(exported.state_dict()) == keys
+    exported.save_pretrained(tmp_path / "student")
+    loaded = CLIPModel.from_pretrained(tmp_path / "student")
+    assert set(loaded.state_dict()) == set(keys)
+    batch = _hf_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().get_image_features(pixel_values=batch["pixel_values"]).pooler_output,
+                                   exported.eval().get_image_features(pixel_values=batch["pixel_values"]).pooler_output)
+
+
+def test_export_open_clip_student_loads_with_open_clip_alone(tmp_path):
+    import open_clip
+
+    student, name = tiny_open_clip("vit", width=32, layers=1, seed=1)
+    teacher, _ = tiny_open_clip("vit", width=48, layers=1, patch=4, seed=2)
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, open_clip_config=name)
+    wrapped(**_open_clip_batch()).loss.backward()
+    wrapped.save_pretrained(str(tmp_path / "ckpt"))
+    model, _, _ = open_clip.create_model_and_transforms("local-dir:" + str(tmp_path / "ckpt"))
+    assert set(model.state_dict()) == set(student.state_dict())
+    images = _open_clip_batch()["image"]
+    student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().encode_image(images), student.encode_image(images))
