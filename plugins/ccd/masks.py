@@ -23,20 +23,31 @@ def grayscale(images: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans_two_clusters(gray: torch.Tensor, iterations: int = 10) -> torch.Tensor:
-    """Per-image 2-means on grey levels, batched. Returns `[B, H, W]` bool: True = the brighter cluster."""
-    flat = gray.flatten(1).float()
-    low, high = flat.amin(1), flat.amax(1)
+    """Per-image 2-means on 8-bit grey levels. Returns `[B, H, W]` bool: True = the brighter cluster.
+
+    Lloyd's iterations run on each image's 256-bin histogram (exactly k-means on the quantised pixels, as on a
+    PIL "L" image), so the cost is one histogram per image instead of a pass over the pixels per iteration.
+    """
+    b = gray.shape[0]
+    levels8 = gray.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy().reshape(b, -1)
+    hist = np.bincount((np.arange(b)[:, None] * 256 + levels8).ravel(), minlength=b * 256).reshape(b, 256)
+    hist = hist.astype(np.float64)
+    levels = np.arange(256, dtype=np.float64)
+    used = hist > 0
+    low = np.argmax(used, axis=1).astype(np.float64)
+    high = (255 - np.argmax(used[:, ::-1], axis=1)).astype(np.float64)
+    count, total = hist.sum(1), (hist * levels).sum(1)
     for _ in range(iterations):
-        bright = (flat - high[:, None]).abs() < (flat - low[:, None]).abs()
-        n_bright = bright.sum(1)
-        n_dark = bright.shape[1] - n_bright
-        new_high = torch.where(n_bright > 0, (flat * bright).sum(1) / n_bright.clamp_min(1), high)
-        new_low = torch.where(n_dark > 0, (flat * ~bright).sum(1) / n_dark.clamp_min(1), low)
-        if torch.equal(new_high, high) and torch.equal(new_low, low):
+        bright = levels[None, :] > (low + high)[:, None] / 2  # strictly nearer the bright centre
+        n_bright = (hist * bright).sum(1)
+        s_bright = (hist * bright * levels).sum(1)
+        new_high = np.where(n_bright > 0, s_bright / np.maximum(n_bright, 1), high)
+        new_low = np.where(count - n_bright > 0, (total - s_bright) / np.maximum(count - n_bright, 1), low)
+        if np.array_equal(new_high, high) and np.array_equal(new_low, low):
             break
         low, high = new_low, new_high
-    bright = (flat - high[:, None]).abs() < (flat - low[:, None]).abs()
-    return bright.view_as(gray)
+    mask = levels8 > ((low + high) / 2)[:, None]
+    return torch.from_numpy(mask).view(gray.shape).to(gray.device)
 
 
 def fix_polarity(mask: torch.Tensor) -> torch.Tensor:

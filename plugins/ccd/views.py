@@ -172,15 +172,19 @@ def _filter_kernel(p: Photometric, k: int = 5) -> torch.Tensor:
 
 
 def apply_photometric(images: torch.Tensor, params: list[Photometric]) -> torch.Tensor:
-    """Apply per-sample photometric parameters to `[B, 3, H, W]` images in [0, 1], batched."""
+    """Apply per-sample photometric parameters to `[B, C, H, W]` images in [0, 1], batched.
+
+    A stage no sample uses is skipped, and a sample with neutral parameters is passed through by `where`, so
+    each sample's output is bit-identical whatever else is in its batch.
+    """
     b, c, h, w = images.shape
-    if all(p == Photometric(seed=p.seed) for p in params):
-        return images
     dev, dt = images.device, images.dtype
     col = lambda values: torch.tensor(values, device=dev, dtype=dt).view(b, 1, 1, 1)  # noqa: E731
+    on = lambda flags: torch.tensor(flags, device=dev).view(b, 1, 1, 1)  # noqa: E731
     x = images
-    # arithmetic: multiply, additive noise, invert, pixel dropout
-    x = x * col([p.multiply for p in params])
+    # arithmetic: multiply, additive noise, pixel dropout, invert
+    if any(p.multiply != 1 for p in params):
+        x = x * col([p.multiply for p in params])
     if any(p.noise_std > 0 or p.dropout > 0 for p in params):
         noise = np.zeros((b, c, h, w), dtype=np.float32)
         keep = np.ones((b, 1, h, w), dtype=np.float32)
@@ -192,27 +196,34 @@ def apply_photometric(images: torch.Tensor, params: list[Photometric]) -> torch.
                 if p.dropout > 0:
                     keep[i] = rng.random((1, h, w), dtype=np.float32) >= p.dropout
         x = (x + torch.from_numpy(noise).to(dev, dt)) * torch.from_numpy(keep).to(dev, dt)
-    inv = col([float(p.invert) for p in params])
-    x = (x * (1 - inv) + (1 - x) * inv).clamp(0, 1)
+    x = x.clamp(0, 1)
+    if any(p.invert for p in params):
+        x = torch.where(on([p.invert for p in params]), 1 - x, x)
     # colour: brightness, channel order, saturation / grayscale blend
-    x = x * col([p.brightness for p in params])
-    if c == 3:
+    if any(p.brightness != 1 for p in params):
+        x = (x * col([p.brightness for p in params])).clamp(0, 1)
+    if c == 3 and any(p.channel_order != (0, 1, 2) for p in params):
         order = torch.tensor([p.channel_order for p in params], device=dev).view(b, 3, 1, 1).expand(b, 3, h, w)
         x = torch.gather(x, 1, order)
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = gray + col([p.saturation for p in params]) * (x - gray)
-    x = x.clamp(0, 1)
-    # blur / sharpen: one depthwise 5x5 conv with a kernel per sample (a delta for the others)
-    if any(p.blur_sigma > 0 or p.sharpen > 0 for p in params):
+    if c == 3 and any(p.saturation != 1 for p in params):
+        gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        blended = (gray + col([p.saturation for p in params]) * (x - gray)).clamp(0, 1)
+        x = torch.where(on([p.saturation != 1 for p in params]), blended, x)
+    # blur / sharpen: one depthwise 5x5 conv with a kernel per sample
+    filtered = [p.blur_sigma > 0 or p.sharpen > 0 for p in params]
+    if any(filtered):
         kernels = torch.stack([_filter_kernel(p) for p in params]).to(dev, dt)
         kernels = kernels.repeat_interleave(c, dim=0).unsqueeze(1)
         padded = F.pad(x.reshape(1, b * c, h, w), (2, 2, 2, 2), mode="replicate")
-        x = F.conv2d(padded, kernels, groups=b * c).view(b, c, h, w).clamp(0, 1)
+        out = F.conv2d(padded, kernels, groups=b * c).view(b, c, h, w).clamp(0, 1)
+        x = torch.where(on(filtered), out, x)
     # contrast: gamma, linear contrast about mid-grey
-    gamma = col([p.gamma for p in params])
-    x = torch.where(gamma != 1, x.clamp_min(1e-6) ** gamma, x)
-    x = 0.5 + col([p.contrast for p in params]) * (x - 0.5)
-    return x.clamp(0, 1)
+    if any(p.gamma != 1 for p in params):
+        x = torch.where(on([p.gamma != 1 for p in params]), x.clamp_min(1e-6) ** col([p.gamma for p in params]), x)
+    if any(p.contrast != 1 for p in params):
+        stretched = (0.5 + col([p.contrast for p in params]) * (x - 0.5)).clamp(0, 1)
+        x = torch.where(on([p.contrast != 1 for p in params]), stretched, x)
+    return x
 
 
 # -------------------------------------------------------------------------------------------- views

@@ -1,0 +1,220 @@
+"""Does CCD pretraining help a text recogniser that has few labels? (`vlmdistill demo ccd`)
+
+Words from the Python standard library's docstrings are rendered with the fonts matplotlib ships into 32×128
+images. A small CCD ViT is pretrained without labels with `plugin="ccd"` (HF Trainer + DistillationCallback);
+its EMA teacher encoder then initialises a CTC recogniser that is fine-tuned on 1% and 10% of the pretraining
+images' labels. The same recogniser trained from random initialisation on the same labels, steps and seeds
+is the baseline. Reported: word accuracy and character accuracy (1 − mean normalised edit distance) on held-out
+renderings of words from modules the training words never came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+SCALES = {
+    # encoder, pretraining and fine-tuning sizes; "full" is sized for about 10 minutes on 2 CPU cores
+    "full": dict(embed_dim=64, depth=4, heads=2, seg_blocks=[2, 3, 4], pretrain_images=3000, pretrain_steps=120,
+                 pretrain_batch=32, finetune_steps=60, finetune_batch=32, eval_images=300, out_dim=2048,
+                 head_hidden=256, bottleneck=64, seg_hidden=32, seg_map=16),
+    "quick": dict(embed_dim=32, depth=3, heads=2, seg_blocks=[1, 2, 3], pretrain_images=200, pretrain_steps=4,
+                  pretrain_batch=8, finetune_steps=4, finetune_batch=8, eval_images=16, out_dim=256,
+                  head_hidden=64, bottleneck=32, seg_hidden=16, seg_map=8),
+}
+LABEL_FRACTIONS = (0.01, 0.10)
+QUICK_WORDS = (["alpha", "beta", "gamma", "delta", "format", "string", "module", "return", "value", "object",
+                "class", "method", "number", "python", "system", "default"],
+               ["socket", "thread", "buffer", "encode", "parse", "token"])
+
+
+def _encoder(scale: dict, seed: int):
+    from vlmdistill.plugins.ccd import ccd_vit
+
+    torch.manual_seed(seed)
+    return ccd_vit("tiny", embed_dim=scale["embed_dim"], depth=scale["depth"], num_heads=scale["heads"],
+                   drop_path_rate=0.1)
+
+
+def _data(scale: dict, quick: bool, seed: int = 0) -> dict:
+    from vlmdistill.plugins.ccd.rendering import docstring_words, render_words
+
+    train_words, held_words = QUICK_WORDS if quick else docstring_words()
+    rng = np.random.default_rng(seed)
+    pre_words = [train_words[i] for i in rng.integers(len(train_words), size=scale["pretrain_images"])]
+    eval_words = [held_words[i] for i in rng.integers(len(held_words), size=scale["eval_images"])]
+    return {"vocabulary": (len(train_words), len(held_words)),
+            "pretrain": (render_words(pre_words, seed + 1), pre_words),
+            "eval": (render_words(eval_words, seed + 2), eval_words),
+            "order": np.random.default_rng(seed + 3).permutation(scale["pretrain_images"])}
+
+
+def _pretrain(images: np.ndarray, scale: dict, output_dir: str, seed: int):
+    from transformers import Trainer, TrainingArguments
+
+    import vlmdistill
+    from vlmdistill.plugins.ccd import teacher_encoder
+    from vlmdistill.plugins.ccd.rendering import WordImages, collate_unlabeled
+
+    steps = scale["pretrain_steps"]
+    wrapped = vlmdistill.wrap(
+        _encoder(scale, seed), plugin="ccd", seg_blocks=scale["seg_blocks"], out_dim=scale["out_dim"],
+        head_hidden_dim=scale["head_hidden"], bottleneck_dim=scale["bottleneck"],
+        seg_hidden_channels=scale["seg_hidden"], seg_map_channels=scale["seg_map"],
+        # A short run: a faster EMA than the paper's 0.9995 (whose teacher would barely move in a few hundred
+        # steps), prototypes frozen for the first 10% of steps, pseudo masks throughout.
+        teacher_momentum=0.99, momentum_total_steps=steps, freeze_last_layer_steps=max(1, steps // 10),
+        pseudo_mask_steps=steps + 1)
+    args = TrainingArguments(output_dir=os.path.join(output_dir, "pretrain"), max_steps=steps,
+                             per_device_train_batch_size=scale["pretrain_batch"], learning_rate=1e-3,
+                             lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10), weight_decay=0.04,
+                             max_grad_norm=3.0, logging_steps=max(1, steps // 10), save_strategy="no", report_to=[],
+                             use_cpu=True, seed=seed, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = Trainer(model=wrapped, args=args, train_dataset=WordImages(images), data_collator=collate_unlabeled,
+                      callbacks=[vlmdistill.DistillationCallback()])
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    return teacher_encoder(wrapped), logs
+
+
+def _finetune(encoder, images: np.ndarray, words: list[str], scale: dict, seed: int):
+    from vlmdistill.plugins.ccd import CTCRecognizer
+    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+
+    torch.manual_seed(seed)
+    recogniser = CTCRecognizer(encoder)
+    pixels = to_pixel_values(images)
+    steps, batch = scale["finetune_steps"], scale["finetune_batch"]
+    optimizer = torch.optim.AdamW(recogniser.parameters(), lr=1e-3, weight_decay=0.05)
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    g = torch.Generator().manual_seed(seed)
+    recogniser.train()
+    for _ in range(steps):
+        idx = torch.randint(len(words), (min(batch, len(words)),), generator=g)
+        loss = recogniser.loss(pixels[idx], [words[i] for i in idx.tolist()])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(recogniser.parameters(), 3.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    return recogniser.eval()
+
+
+def _edit_distance(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def evaluate(recogniser, images: np.ndarray, words: list[str], batch: int = 64) -> dict:
+    """Word accuracy and character accuracy: 1 − mean normalised edit distance (distance / longer length)."""
+    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+
+    pixels = to_pixel_values(images)
+    predicted = []
+    for start in range(0, len(words), batch):
+        predicted.extend(recogniser.decode(pixels[start:start + batch]))
+    ned = [_edit_distance(p, w) / max(len(p), len(w), 1) for p, w in zip(predicted, words)]
+    return {"word_accuracy": sum(p == w for p, w in zip(predicted, words)) / len(words),
+            "char_accuracy": 1.0 - sum(ned) / len(words),
+            "examples": [(w, p) for w, p in zip(words[:5], predicted[:5])]}
+
+
+def run(output_dir: str, seeds: list[int], quick: bool = False) -> dict:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    scale = SCALES["quick" if quick else "full"]
+    t0 = time.time()
+    data = _data(scale, quick)
+    pre_images, pre_words = data["pretrain"]
+    eval_images, eval_words = data["eval"]
+    print(f"rendered {len(pre_words)} unlabeled + {len(eval_words)} held-out images "
+          f"({data['vocabulary'][0]} training / {data['vocabulary'][1]} held-out words) in {time.time() - t0:.0f} s")
+
+    t1 = time.time()
+    pretrained, logs = _pretrain(pre_images, scale, output_dir, seed=0)
+    pretrain_seconds = time.time() - t1
+    first, last = logs[0], logs[-1]
+    print(f"CCD pretraining: {scale['pretrain_steps']} steps in {pretrain_seconds:.0f} s; loss {first['loss']:.3f} -> "
+          f"{last['loss']:.3f}, characters per image {last.get('distill/paired_characters', float('nan')):.1f}")
+
+    rows = []
+    for fraction in LABEL_FRACTIONS:
+        n = max(2, int(round(fraction * len(pre_words))))
+        subset = data["order"][:n]
+        images, words = pre_images[subset], [pre_words[i] for i in subset]
+        for seed in seeds:
+            for arm in ("scratch", "ccd"):
+                encoder = copy.deepcopy(pretrained) if arm == "ccd" else _encoder(scale, 1000 + seed)
+                t2 = time.time()
+                recogniser = _finetune(encoder, images, words, scale, seed)
+                scores = evaluate(recogniser, eval_images, eval_words)
+                rows.append({"labels": fraction, "labelled_images": n, "seed": seed, "init": arm,
+                             "seconds": time.time() - t2, **scores})
+                print(f"{fraction:4.0%} labels ({n:4d} images) seed {seed} {arm:7s}: word acc "
+                      f"{scores['word_accuracy']:.3f}  char acc {scores['char_accuracy']:.3f}  "
+                      f"e.g. {scores['examples'][:2]}")
+
+    summary = {}
+    for fraction in LABEL_FRACTIONS:
+        for arm in ("scratch", "ccd"):
+            sel = [r for r in rows if r["labels"] == fraction and r["init"] == arm]
+            entry = {}
+            for metric in ("word_accuracy", "char_accuracy"):
+                values = [r[metric] for r in sel]
+                entry[metric] = statistics.mean(values)
+                entry[metric + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            summary[f"{fraction:.2f}/{arm}"] = entry
+    result = {"setting": {**scale, "seeds": seeds, "label_fractions": list(LABEL_FRACTIONS), "quick": quick,
+                          "pretrain_seed": 0, "threads": torch.get_num_threads()},
+              "pretraining": {"seconds": pretrain_seconds, "log": logs},
+              "runs": rows, "summary": summary, "seconds": time.time() - t0}
+    _write(output_dir, result)
+    return result
+
+
+def _write(output_dir: str, result: dict) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "results.json"), "w") as fh:
+        json.dump(result, fh, indent=2)
+    s = result["summary"]
+    lines = ["| labels | init | word accuracy | char accuracy |", "|---|---|---|---|"]
+    for fraction in result["setting"]["label_fractions"]:
+        n = next(r["labelled_images"] for r in result["runs"] if r["labels"] == fraction)
+        for arm, label in (("scratch", "random (from scratch)"), ("ccd", "CCD teacher encoder")):
+            e = s[f"{fraction:.2f}/{arm}"]
+            lines.append(f"| {fraction:.0%} ({n} images) | {label} | {e['word_accuracy']:.3f} ± "
+                         f"{e['word_accuracy_std']:.3f} | {e['char_accuracy']:.3f} ± {e['char_accuracy_std']:.3f} |")
+    st = result["setting"]
+    lines.append(f"\nseeds {st['seeds']} (fine-tuning; pretraining seed {st['pretrain_seed']}), "
+                 f"pretraining {result['pretraining']['seconds']:.0f} s, total {result['seconds']:.0f} s")
+    table = "\n".join(lines)
+    with open(os.path.join(output_dir, "results.md"), "w") as fh:
+        fh.write(table + "\n")
+    print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlmdistill demo ccd", description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", default="runs/demo-ccd")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+    args = parser.parse_args(argv)
+    run(args.output_dir, args.seeds, args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
