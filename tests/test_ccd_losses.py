@@ -116,3 +116,34 @@ def test_dino_head_prototypes_are_weight_normalised_and_freezable():
     head.zero_grad()
     head(x).pow(2).sum().backward()
     assert head.last_direction.grad.abs().sum() > 0
+
+
+def _centre_worker(rank, world, port, rows, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    centre = TeacherCentre(rows.shape[1])
+    half = rows.shape[0] // world
+    centre.observe(rows[rank * half:(rank + 1) * half])
+    centre.update(0.9)
+    out[rank] = centre.value.clone()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_centre_is_all_reduced_across_processes():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rows = torch.randn(8, 5)
+    out = mp.Manager().dict()
+    mp.spawn(_centre_worker, args=(2, port, rows, out), nprocs=2, join=True)
+    single = TeacherCentre(5)
+    single.observe(rows)
+    single.update(0.9)
+    for rank in range(2):
+        torch.testing.assert_close(out[rank], single.value)
