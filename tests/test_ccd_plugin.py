@@ -195,3 +195,19 @@ def test_ctc_recogniser_learns_and_decodes():
         log_probs[0, t, k] = 0.0
     recogniser.forward = lambda pixel_values: log_probs
     assert recogniser.decode(torch.zeros(1, 3, 32, 128)) == ["abb"]
+
+
+def test_trocr_style_deit_encoder_with_two_prefix_tokens():
+    from transformers import DeiTConfig, DeiTModel
+
+    torch.manual_seed(0)
+    deit = DeiTModel(DeiTConfig(image_size=(32, 128), patch_size=4, hidden_size=32, num_hidden_layers=3,
+                                num_attention_heads=2, intermediate_size=64), add_pooling_layer=False)
+    w = vlmdistill.wrap(deit, plugin="ccd", **CONFIG)
+    out = w(**batch())
+    assert out.last_hidden_state.shape == (8, 258, 32)  # both views; CLS + distillation token + 256 patches
+    assert out.loss_terms["paired_characters"] > 2
+    out.loss.backward()
+    assert deit.embeddings.position_embeddings.grad is not None
+    with pytest.raises(UnsupportedModelError):
+        vlmdistill.wrap(torch.nn.ModuleDict({"encoder": deit}), plugin="ccd")  # pass the encoder itself

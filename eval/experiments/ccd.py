@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import os
+import resource
 import statistics
 import time
 
@@ -23,8 +24,8 @@ import torch
 
 SCALES = {
     # encoder, pretraining and fine-tuning sizes; "full" is sized for about 10 minutes on 2 CPU cores
-    "full": dict(embed_dim=64, depth=4, heads=2, seg_blocks=[2, 3, 4], pretrain_images=3000, pretrain_steps=120,
-                 pretrain_batch=32, finetune_steps=60, finetune_batch=32, eval_images=300, out_dim=2048,
+    "full": dict(embed_dim=64, depth=4, heads=2, seg_blocks=[2, 3, 4], pretrain_images=3000, pretrain_steps=100,
+                 pretrain_batch=32, finetune_steps=100, finetune_batch=16, eval_images=300, out_dim=2048,
                  head_hidden=256, bottleneck=64, seg_hidden=32, seg_map=16),
     "quick": dict(embed_dim=32, depth=3, heads=2, seg_blocks=[1, 2, 3], pretrain_images=200, pretrain_steps=4,
                   pretrain_batch=8, finetune_steps=4, finetune_batch=8, eval_images=16, out_dim=256,
@@ -177,10 +178,13 @@ def run(output_dir: str, seeds: list[int], quick: bool = False) -> dict:
                 entry[metric] = statistics.mean(values)
                 entry[metric + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
             summary[f"{fraction:.2f}/{arm}"] = entry
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     result = {"setting": {**scale, "seeds": seeds, "label_fractions": list(LABEL_FRACTIONS), "quick": quick,
                           "pretrain_seed": 0, "threads": torch.get_num_threads()},
               "pretraining": {"seconds": pretrain_seconds, "log": logs},
-              "runs": rows, "summary": summary, "seconds": time.time() - t0}
+              "runs": rows, "summary": summary, "seconds": time.time() - t0,
+              # on a shared machine the wall time depends on the load; CPU time says what the run itself cost
+              "cpu_seconds": usage.ru_utime + usage.ru_stime, "load_average": os.getloadavg()}
     _write(output_dir, result)
     return result
 
@@ -199,7 +203,9 @@ def _write(output_dir: str, result: dict) -> None:
                          f"{e['word_accuracy_std']:.3f} | {e['char_accuracy']:.3f} ± {e['char_accuracy_std']:.3f} |")
     st = result["setting"]
     lines.append(f"\nseeds {st['seeds']} (fine-tuning; pretraining seed {st['pretrain_seed']}), "
-                 f"pretraining {result['pretraining']['seconds']:.0f} s, total {result['seconds']:.0f} s")
+                 f"pretraining {result['pretraining']['seconds']:.0f} s, total {result['seconds']:.0f} s wall, "
+                 f"{result['cpu_seconds']:.0f} s CPU ({st['threads']} threads; load average at the end "
+                 f"{result['load_average'][0]:.1f})")
     table = "\n".join(lines)
     with open(os.path.join(output_dir, "results.md"), "w") as fh:
         fh.write(table + "\n")

@@ -15,7 +15,7 @@ from vlmdistill.errors import UnsupportedModelError
 from .vit import CCDViT
 
 _BLOCK_LISTS = ("blocks", "layers", "encoder.layer", "encoder.layers")
-_FINAL_NORMS = ("norm", "layernorm", "post_layernorm")
+_FINAL_NORMS = ("norm", "layernorm")
 
 
 @dataclasses.dataclass(frozen=True)
