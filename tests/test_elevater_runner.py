@@ -183,6 +183,8 @@ def test_cli_end_to_end_with_custom_open_clip_checkpoint(tmp_path, digits_dir, c
     chinese = json.loads((out / "results" / results[1]).read_text(encoding="utf-8"))
     assert chinese["language"] == "zh" and chinese["protocol"]["name"] == "cnclip_zh"
     assert os.path.isfile(out / "summary.csv") and os.path.isfile(out / "zero_shot.png")
+    summary = list(csv.DictReader(open(out / "summary.csv", encoding="utf-8")))
+    assert [(r["dataset"], r["language"]) for r in summary] == [("digits", "en"), ("digits", "zh")]
     assert os.listdir(out / "predictions") == ["digits_en_elevater_predictions.json"]
     assert "digits" in capsys.readouterr().out
     assert cli_main(["--model", "tiny-cli", "--data-root", str(tmp_path / "missing"), "--datasets", "x",

@@ -129,7 +129,7 @@ def run_elevater(args) -> int:
     from .adapters import load_model
     from .protocol import get_protocol
     from .readers import read_dataset
-    from .report import plot_results, write_result_json, write_summary
+    from .report import load_results, plot_results, write_result_json, write_summary
     from .runner import evaluate_zero_shot
     from .tasks import _CUSTOM_TASKS, list_tasks, load_custom_tasks
 
@@ -171,10 +171,15 @@ def run_elevater(args) -> int:
         results.append(result)
         print(f"{name:<34} {task.language} {result['primary_metric']:>22} = {100 * result['primary_value']:6.2f}"
               f"  ({result['num_samples']} images, {result['runtime_s']['total']:.1f}s)  -> {path}")
-    csv_path, md_path = write_summary(results, args.output_dir)
+    # the summary covers every result in the output folder, so English and Chinese runs (or several
+    # models) written to one folder end up in one table and one chart
+    results_dir = os.path.join(args.output_dir, "results")
+    everything = load_results(sorted(os.path.join(results_dir, f) for f in os.listdir(results_dir)
+                                     if f.endswith(".json")))
+    csv_path, md_path = write_summary(everything, args.output_dir)
     print(f"summary: {csv_path}, {md_path}")
     if not args.no_plot:
-        print(f"chart: {plot_results(results, os.path.join(args.output_dir, 'zero_shot.png'))}")
+        print(f"chart: {plot_results(everything, os.path.join(args.output_dir, 'zero_shot.png'))}")
     return 0
 
 
