@@ -189,3 +189,17 @@ def test_cli_end_to_end_with_custom_open_clip_checkpoint(tmp_path, digits_dir, c
     assert "digits" in capsys.readouterr().out
     assert cli_main(["--model", "tiny-cli", "--data-root", str(tmp_path / "missing"), "--datasets", "x",
                      "--no-progress"]) == 2
+
+
+def test_in_memory_digits_score_like_the_same_images_on_disk(tmp_path):
+    from vlmdistill.eval.elevater import digits_test_data
+
+    data = digits_test_data(test_size=60)
+    images = [data.open_image(i) for i in range(len(data))]
+    writers.write_iris(str(tmp_path), images, data.labels, DIGIT_NAMES["en"])
+    model, tokenizer = tiny_open_clip()
+    adapter = adapter_for(model, tokenizer)
+    in_memory = evaluate_zero_shot(adapter, digits_task("zh"), data, "cnclip_zh", progress=False)
+    on_disk = evaluate_zero_shot(adapter, digits_task("zh"), read_dataset(str(tmp_path)), "cnclip_zh", progress=False)
+    assert in_memory["data"]["reader"] == "memory" and on_disk["data"]["reader"] == "iris"
+    assert in_memory["metrics"] == on_disk["metrics"] and in_memory["num_samples"] == 60

@@ -99,6 +99,15 @@ def digits_split(size: int = 32, test_size: int = 500, seed: int = 0):
     return pick(train_idx), pick(test_idx)
 
 
+def digits_test_data(size: int = 32, test_size: int = 500, seed: int = 0):
+    """The held-out digits as an in-memory dataset, ready for `evaluate_zero_shot` with `digits_task`.
+    A model trained on `digits_split(...)[0]` with the same seed has never seen these images."""
+    from .readers import from_images
+
+    _, (images, labels) = digits_split(size, test_size, seed)
+    return from_images(images, labels.tolist(), DIGIT_NAMES["en"], name="digits-test")
+
+
 def _object_photo(loader: str) -> Image.Image:
     import skimage.data
 

@@ -333,6 +333,31 @@ def _index_shard(path: str) -> list[Sample]:
     return samples
 
 
+# ---------------------------------------------------------------- images already in memory
+
+class _MemoryOpener:
+    """Serves PIL images held in a list; `Sample.source` is `memory:<index>`."""
+
+    def __init__(self, images: Sequence[Image.Image]) -> None:
+        self.images = list(images)
+
+    def open(self, sample: Sample) -> Image.Image:
+        return self.images[int(sample.source.split(":", 1)[1])].convert("RGB")
+
+
+def from_images(images: Sequence[Image.Image], labels: Sequence[int | Sequence[int]],
+                classnames: Sequence[str] | None = None, multilabel: bool = False,
+                name: str = "memory") -> LabeledImages:
+    """A dataset of in-memory PIL images (e.g. a plugin demo's held-out split); labels are class
+    indices, or tuples of them for multi-label data."""
+    if len(images) != len(labels):
+        raise DataError(f"{name}: {len(images)} images but {len(labels)} labels")
+    samples = [Sample(f"memory:{i}", tuple(int(x) for x in (lab if isinstance(lab, (tuple, list)) else (lab,))),
+                      f"{name}[{i}]") for i, lab in enumerate(labels)]
+    return LabeledImages(samples, "memory", name, list(classnames) if classnames else None, multilabel,
+                         _opener=_MemoryOpener(images))
+
+
 # ---------------------------------------------------------------- layout detection
 
 FORMATS = ("iris", "coco", "image_folder", "webdataset")
