@@ -12,6 +12,16 @@ from vlmdistill.plugins.dcclip.data import (ClipImageTransform, ImageTextCollato
                                             write_image_text_shards)
 from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one intra-op thread; two spin-wait badly on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CAPTIONS = {"en": "a photo of the digit {}.", "zh": "数字{}的照片。"}
 NAMES = {"en": ["zero", "one", "two", "three"], "zh": ["零", "一", "二", "三"]}
 
@@ -157,3 +167,11 @@ def test_rejects_bad_keys_and_languages(tmp_path):
         write_image_text_shards([ImageTextSample("a.b", _image(0), "x", "en")], str(tmp_path / "a"))
     with pytest.raises(DataError, match="language 'fr'"):
         write_image_text_shards([ImageTextSample("ab", _image(0), "x", "fr")], str(tmp_path / "b"))
+
+
+def test_tokenizer_identity_ignores_call_time_truncation(tokenizer):
+    from vlmdistill.plugins.dcclip.compat import tokenizer_identity
+
+    before = tokenizer_identity(tokenizer)
+    tokenizer("a photo of the digit one.", truncation=True, max_length=5)
+    assert tokenizer_identity(tokenizer) == before

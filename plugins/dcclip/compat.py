@@ -20,7 +20,9 @@ def tokenizer_identity(tokenizer: Any) -> Optional[str]:
         tokenizer = inner
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        payload = backend.to_str()
+        # Truncation and padding are call-time settings the backend remembers: not part of the identity.
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        payload = json.dumps(state, sort_keys=True, ensure_ascii=False)
     elif hasattr(tokenizer, "get_vocab"):
         payload = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     elif hasattr(tokenizer, "encoder"):  # open_clip SimpleTokenizer

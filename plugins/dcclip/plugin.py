@@ -44,6 +44,8 @@ class DCCLIPPlugin(DistillationPlugin):
                     "teacher_attention_mask")
     runtime_args = ("student_tokenizer", "teacher_tokenizer", "data_fingerprint", "open_clip_config")
     demo = "vlmdistill.eval.experiments.dcclip:main"
+    #: `vlmdistill cache-teacher RECIPE.yaml`: precompute the teacher features of a recipe's data
+    commands = {"cache-teacher": "vlmdistill.plugins.dcclip.recipes:cache_teacher_main"}
 
     def __init__(self, config: DCCLIPConfig, **runtime: Any) -> None:
         super().__init__(config, **runtime)

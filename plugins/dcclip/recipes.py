@@ -1,0 +1,109 @@
+"""Recipe builders for `vlmdistill train` and the `vlmdistill cache-teacher RECIPE` command.
+
+* model builder `dcclip-hf-clip`: a randomly initialised transformers CLIP-family model sized by
+  arguments, its vocabulary taken from a local tokenizer folder;
+* data builder `dcclip-image-text`: image–text webdataset shards (see `data.py`), preprocessed and
+  tokenised for the student, with the `sample_key` / `augmentation_seed` columns the cache uses.
+
+`cache_teacher_main` reads the same recipe as `vlmdistill train`, runs the teacher once over the
+recipe's data (every augmentation seed) and writes the cache to `config.teacher_cache` (or `--output`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Optional
+
+from vlmdistill.errors import ConfigError
+from vlmdistill.recipes import register_data_builder, register_model_builder
+
+
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"tokenizer {path!r} is not a local folder (nothing is downloaded)")
+    return AutoTokenizer.from_pretrained(path)
+
+
+@register_model_builder("dcclip-hf-clip")
+def build_hf_clip(tokenizer: str, family: str = "clip", hidden: int = 32, layers: int = 2, heads: int = 2,
+                  patch: int = 8, image_size: int = 24, projection: int = 32, max_positions: int = 32, seed: int = 0):
+    """A CLIPModel / AltCLIPModel / ChineseCLIPModel / SiglipModel whose text tower fits `tokenizer`."""
+    from .testing import tiny_hf_clip
+
+    tok = _tokenizer(tokenizer)
+    return tiny_hf_clip(family, hidden=hidden, layers=layers, heads=heads, patch=patch, image_size=image_size,
+                        vocab=len(tok), max_positions=max_positions, projection=projection,
+                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=seed)
+
+
+@register_data_builder("dcclip-image-text")
+def build_image_text(student, teacher, shards: str, tokenizer: str, image_size: int = 24, max_length: int = 32,
+                     shuffle_buffer: int = 1000, shardshuffle: int = 4, seed: int = 0, on_error: str = "skip",
+                     augment: str = "none", augmentation_seeds: int = 1,
+                     mean: Optional[list[float]] = None, std: Optional[list[float]] = None):
+    """(dataset, collator) over image–text shards, in the student's own input names."""
+    from .data import OPENAI_MEAN, OPENAI_STD, ClipImageTransform, ImageTextCollator, ImageTextShards
+    from .families import describe_model
+
+    tok = _tokenizer(tokenizer)
+    style = "open_clip" if describe_model(student, role="student").is_open_clip else "hf"
+    transform = ClipImageTransform(image_size, mean or OPENAI_MEAN, std or OPENAI_STD, augment=augment)
+    dataset = ImageTextShards(shards, transform, tok, style=style, max_length=max_length,
+                              shuffle_buffer=shuffle_buffer, shardshuffle=shardshuffle, seed=seed, on_error=on_error,
+                              augmentation_seeds=augmentation_seeds)
+    return dataset, ImageTextCollator(tok.pad_token_id, style=style)
+
+
+def cache_teacher_main(argv: list[str] | None = None) -> int:
+    """`vlmdistill cache-teacher RECIPE.yaml [--set key=value ...] [--output DIR]`"""
+    import torch
+
+    import vlmdistill
+    from vlmdistill.recipes import ModelSpec, _lookup, _DATA_BUILDERS, build_model, load_recipe
+
+    parser = argparse.ArgumentParser(prog="vlmdistill cache-teacher",
+                                     description="Precompute a recipe's teacher features for dcclip stage 1")
+    parser.add_argument("recipe")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    parser.add_argument("--output", default=None, help="cache directory (default: the recipe's config.teacher_cache)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--samples-per-shard", type=int, default=4096)
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                        help="storage type of the features (float32 reproduces the live teacher exactly)")
+    args = parser.parse_args(argv)
+
+    recipe = load_recipe(args.recipe, args.set)
+    if recipe.plugin != "dcclip":
+        raise ConfigError(f"{args.recipe}: cache-teacher is for plugin 'dcclip', the recipe uses {recipe.plugin!r}")
+    if not isinstance(recipe.teacher, ModelSpec):
+        raise ConfigError(f"{args.recipe}: the recipe needs a teacher model to cache its features")
+    config = dict(recipe.config)
+    output = args.output or config.get("teacher_cache")
+    if not output:
+        raise ConfigError("no cache directory: set config.teacher_cache in the recipe or pass --output")
+    config.update(teacher_cache=None, stage=1, switch_at_step=None, switch_at_epoch=None)
+    torch.manual_seed(recipe.seed)
+    student = build_model(recipe.student, role="student")
+    teacher = build_model(recipe.teacher, role="teacher")
+    dataset, collator = _lookup(_DATA_BUILDERS, recipe.data.builder, "data builder")(student, teacher,
+                                                                                    **recipe.data.kwargs)
+    runtime: dict[str, Any] = {}
+    if hasattr(dataset, "fingerprint"):
+        runtime["data_fingerprint"] = dataset.fingerprint()
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, config=config, **runtime)
+
+    def passes():
+        for epoch in range(getattr(dataset, "augmentation_seeds", 1)):  # every augmentation the training will see
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            yield from torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collator)
+
+    manifest = wrapped.plugin.build_teacher_cache(passes(), output, samples_per_shard=args.samples_per_shard,
+                                                  dtype=getattr(torch, args.dtype))
+    stats = getattr(dataset, "stats", None)
+    skipped = f", {stats.skipped_samples} samples skipped" if stats is not None and stats.skipped_samples else ""
+    print(f"teacher features written: {manifest}{skipped}")
+    return 0

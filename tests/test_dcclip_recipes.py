@@ -1,0 +1,94 @@
+"""dcclip through recipes: `vlmdistill cache-teacher RECIPE` and `vlmdistill train RECIPE`."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import vlmdistill
+from vlmdistill.plugins.dcclip.data import ImageTextSample, write_image_text_shards
+from vlmdistill.plugins.dcclip.recipes import cache_teacher_main
+from vlmdistill.plugins.dcclip.testing import tiny_hf_clip
+from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+from vlmdistill.recipes import load_recipe, run_recipe
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one intra-op thread; two spin-wait badly on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture()
+def recipe_path(tmp_path):
+    captions = ["a photo of the digit {}.".format(n) for n in ("one", "two", "three")] + \
+               ["数字{}的照片。".format(n) for n in ("一", "二", "三")]
+    tokenizer = train_caption_tokenizer(captions, vocab_size=300)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    rng = np.random.default_rng(0)
+    samples = [ImageTextSample(f"k{i:02d}", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), captions[i % 6],
+                               "en" if i % 6 < 3 else "zh") for i in range(12)]
+    write_image_text_shards(samples, str(tmp_path / "shards"), samples_per_shard=5)
+    teacher = tiny_hf_clip(hidden=32, layers=1, patch=4, image_size=16, vocab=len(tokenizer), projection=24, seed=2)
+    teacher.save_pretrained(tmp_path / "teacher")
+    recipe = {
+        "plugin": "dcclip",
+        "config": {"switch_at_step": 1, "teacher_cache": str(tmp_path / "cache")},
+        "student": {"builder": "dcclip-hf-clip", "kwargs": {"tokenizer": str(tmp_path / "tok"), "hidden": 16,
+                                                          "layers": 1, "patch": 8, "image_size": 16}},
+        "teacher": {"path": str(tmp_path / "teacher"), "auto_class": "CLIPModel"},
+        "data": {"builder": "dcclip-image-text", "kwargs": {"shards": str(tmp_path / "shards"),
+                                                            "tokenizer": str(tmp_path / "tok"), "image_size": 16,
+                                                            "shuffle_buffer": 4}},
+        "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
+                     "save_strategy": "no", "disable_tqdm": True},
+        "output_dir": str(tmp_path / "out"),
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def test_cache_teacher_command_covers_the_recipe_data(recipe_path, tmp_path, capsys):
+    assert cache_teacher_main([recipe_path]) == 0
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 12 and manifest["data_fingerprint"]
+    assert "teacher features written" in capsys.readouterr().out
+    from vlmdistill.plugins.dcclip.cache import TeacherFeatureCache, module_fingerprint
+    from transformers import CLIPModel
+
+    assert manifest["teacher_fingerprint"] == module_fingerprint(CLIPModel.from_pretrained(tmp_path / "teacher"))
+    assert {k for k, _ in TeacherFeatureCache(str(tmp_path / "cache")).index} == {f"k{i:02d}" for i in range(12)}
+
+
+def test_cache_teacher_is_a_cli_command():
+    from vlmdistill.cli import build_parser
+
+    assert "cache-teacher" in vlmdistill.get_plugin("dcclip").commands
+    build_parser().parse_args(["cache-teacher", "recipe.yaml"])
+
+
+@pytest.mark.slow
+def test_train_recipe_runs_both_stages_from_the_cache(recipe_path, tmp_path):
+    cache_teacher_main([recipe_path])
+    summary = run_recipe(load_recipe(recipe_path))
+    assert summary["global_step"] == 2
+    logged = [h for h in summary["log_history"] if "loss" in h]
+    assert "distill/image" in logged[0] and "distill/contrastive" in logged[1]
+    from transformers import CLIPModel
+
+    CLIPModel.from_pretrained(summary["student"])
+
+
+def test_demo_recipe_is_valid():
+    recipe = load_recipe(os.path.join(REPO, "configs", "dcclip", "demo.yaml"))
+    assert recipe.plugin == "dcclip" and recipe.config["switch_at_step"] * 2 == recipe.training["max_steps"]
