@@ -73,7 +73,7 @@ def test_centre_follows_teacher_outputs_once_per_step():
 def test_loss_decreases_on_a_fixed_batch():
     w = wrapped_tiny(teacher_momentum=0.99)
     w.train()
-    data = batch(6)
+    data = batch(4)
     opt = torch.optim.AdamW([p for p in w.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(8):
@@ -182,13 +182,13 @@ def test_ctc_recogniser_learns_and_decodes():
     pixels = to_pixel_values(render_words(words, 0))
     opt = torch.optim.AdamW(recogniser.parameters(), lr=3e-3)
     first = None
-    for _ in range(25):
+    for _ in range(20):
         loss = recogniser.loss(pixels, words)
         first = first if first is not None else float(loss.detach())
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert float(loss) < 0.5 * first
+    assert float(loss.detach()) < 0.5 * first
     # greedy decoding merges repeats and drops blanks: "aa-b-bb" -> "abb"
     log_probs = torch.full((1, 7, 37), -10.0)
     for t, k in enumerate([1 + 10, 1 + 10, 0, 1 + 11, 0, 1 + 11, 1 + 11]):
