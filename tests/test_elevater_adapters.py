@@ -11,7 +11,7 @@ from vlmdistill.errors import ConfigError, DataError, UnsupportedModelError
 from vlmdistill.eval.elevater import adapters
 from vlmdistill.eval.elevater.classifier import encode_classifier
 from vlmdistill.eval.elevater.demo import DIGIT_NAMES, DIGIT_TEMPLATES
-from vlmdistill.eval.elevater.testing import (TINY_OPEN_CLIP_CONFIG, TINY_OPEN_CLIP_NAME, save_tiny_hf_model,
+from vlmdistill.eval.elevater.testing import (TINY_OPEN_CLIP_CONFIG, save_tiny_hf_model,
                                               tiny_open_clip)
 
 TEXTS = [t.format(n) for lang in ("en", "zh") for t in DIGIT_TEMPLATES[lang] for n in DIGIT_NAMES[lang]]

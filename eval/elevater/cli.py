@@ -131,11 +131,11 @@ def run_elevater(args) -> int:
     from .readers import read_dataset
     from .report import load_results, plot_results, write_result_json, write_summary
     from .runner import evaluate_zero_shot
-    from .tasks import _CUSTOM_TASKS, list_tasks, load_custom_tasks
+    from .tasks import custom_task, get_task, load_custom_tasks, registered_names
 
     if args.tasks_yaml:
         load_custom_tasks(args.tasks_yaml)
-    registered = set(list_tasks()) | set(_CUSTOM_TASKS)
+    registered = set(registered_names())
     protocol = get_protocol(args.protocol, language=args.language, image_size=args.image_size)
     pairs = _requested(args, registered)
     if args.classnames_file and len(pairs) > 1:
@@ -147,12 +147,8 @@ def run_elevater(args) -> int:
     cache_dir = args.cache_dir or os.path.join(args.output_dir, "classifier_cache")
     results = []
     for name, folder in pairs:
-        spec = _CUSTOM_TASKS.get(name)
+        spec = custom_task(name) or (get_task(name) if name in registered else None)
         index_file = None
-        if spec is None and name in registered:
-            from .tasks import get_task
-
-            spec = get_task(name)
         if spec is not None and spec.splits.get(args.split) and args.format in ("auto", "iris", "coco"):
             candidate = spec.splits[args.split]
             index_file = candidate if os.path.isfile(os.path.join(folder, candidate)) else None

@@ -11,7 +11,6 @@ import datetime
 import time
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -65,7 +64,7 @@ def extract_image_features(model: ZeroShotModel, loader: DataLoader, progress: b
     return torch.cat(chunks).cpu()
 
 
-def _resolve_task(task: TaskSpec | str, protocol: Protocol, data: LabeledImages | None) -> TaskSpec:
+def _resolve_task(task: TaskSpec | str, protocol: Protocol) -> TaskSpec:
     if isinstance(task, TaskSpec):
         return task
     return get_task(task, protocol.language, zh_source=protocol.zh_source)
@@ -88,7 +87,7 @@ def evaluate_zero_shot(model: Any, task: TaskSpec | str, dataset: LabeledImages 
     protocol = get_protocol(protocol)
     model = adapter_for(model, tokenizer) if not isinstance(model, ZeroShotModel) else model
     data = read_dataset(dataset) if isinstance(dataset, str) else dataset
-    spec = _resolve_task(task, protocol, data)
+    spec = _resolve_task(task, protocol)
     data.check_labels(spec.num_classes)
     multilabel = spec.multilabel or data.multilabel
     if len(data) == 0:
@@ -145,11 +144,3 @@ def evaluate_zero_shot(model: Any, task: TaskSpec | str, dataset: LabeledImages 
         write_predictions(predictions_path, result, scores, data.labels, multilabel)
     return result
 
-
-def scores_for(model: ZeroShotModel, spec: TaskSpec, data: LabeledImages, protocol: Protocol | str = "elevater",
-               batch_size: int = 64) -> np.ndarray:
-    """The score matrix alone (for analysis): same path as `evaluate_zero_shot`, no record."""
-    protocol = get_protocol(protocol)
-    classifier = build_classifier(model, spec, text_cleanup=protocol.text_cleanup)
-    features = extract_image_features(model, make_loader(data, image_transform(model, protocol), batch_size), False)
-    return scores_from_similarity(features @ classifier.weights.cpu().float(), protocol.scores).numpy()

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from vlmdistill.errors import ConfigError, DataError
 
@@ -311,6 +311,11 @@ def register_task(spec: TaskSpec) -> None:
     _CUSTOM_TASKS[spec.name] = spec
 
 
-def iter_tasks(names: Iterable[str] | None = None, language: str = "en") -> Iterable[TaskSpec]:
-    for name in names or list_tasks():
-        yield get_task(name, language)
+
+def registered_names() -> list[str]:
+    """Every name `get_task` accepts: the registry's datasets, then custom tasks."""
+    return list_tasks() + [name for name in _CUSTOM_TASKS if name not in list_tasks()]
+
+
+def custom_task(name: str) -> TaskSpec | None:
+    return _CUSTOM_TASKS.get(name)
