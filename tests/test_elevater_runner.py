@@ -203,3 +203,39 @@ def test_in_memory_digits_score_like_the_same_images_on_disk(tmp_path):
     on_disk = evaluate_zero_shot(adapter, digits_task("zh"), read_dataset(str(tmp_path)), "cnclip_zh", progress=False)
     assert in_memory["data"]["reader"] == "memory" and on_disk["data"]["reader"] == "iris"
     assert in_memory["metrics"] == on_disk["metrics"] and in_memory["num_samples"] == 60
+
+
+def test_cli_finds_registered_layouts_and_webdataset_tasks(tmp_path):
+    """Registered datasets under their toolkit folder names with their own index files, a CLIP_benchmark
+    webdataset that brings its own class names and templates, and a transformers model folder."""
+    from vlmdistill.eval.elevater.testing import save_tiny_hf_model
+
+    images, labels = digits_images(size=32)
+    picks = [int(i) for i in np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(10)])]
+    root = tmp_path / "elevater"
+    cifar = root / "classification" / "cifar_10_20211007"          # the toolkit's root_folder
+    writers.write_iris(str(cifar), [images[i] for i in picks], [(int(labels[i]),) for i in picks],
+                       get_task("cifar-10").classnames)
+    kitti = root / "kitti-distance"
+    four = [i for i in picks if labels[i] < 4]
+    writers.write_coco(str(kitti), [images[i] for i in four], [(int(labels[i]),) for i in four],
+                       get_task("kitti-distance").classnames)
+    os.rename(kitti / "test.json", kitti / "test_meta.json")      # the registry's index name for kitti
+    writers.write_webdataset(str(tmp_path / "wds"), [images[i] for i in picks], [(int(labels[i]),) for i in picks],
+                             DIGIT_NAMES["en"], templates=["a photo of the number {c}."])
+    model_dir = save_tiny_hf_model(str(tmp_path / "hf"), "clip", ["a photo of the number"] + list(DIGIT_NAMES["en"]))
+    out = tmp_path / "out"
+    assert cli_main(["--model", model_dir, "--data-root", str(root), "--output-dir", str(out), "--no-progress",
+                     "--no-plot"]) == 0
+    assert cli_main(["--model", model_dir, "--data-root", str(root), "--datasets", f"mydigits={tmp_path / 'wds'}",
+                     "--output-dir", str(out), "--no-progress", "--no-plot"]) == 0
+    results = {r["dataset"]: r for r in (json.loads((out / "results" / f).read_text()) for f in os.listdir(out / "results"))}
+    assert set(results) == {"cifar-10", "kitti-distance", "mydigits"}
+    assert results["cifar-10"]["data"]["reader"] == "iris" and results["cifar-10"]["num_samples"] == 20
+    assert results["kitti-distance"]["data"]["reader"] == "coco" and results["kitti-distance"]["num_samples"] == 8
+    assert results["mydigits"]["data"]["reader"] == "webdataset"
+    assert results["mydigits"]["task_spec"]["num_templates"] == 1 and results["mydigits"]["model"] == "hf"
+    summary = list(csv.DictReader(open(out / "summary.csv", encoding="utf-8")))
+    average = [r for r in summary if r["dataset"].startswith("ELEVATER average")]
+    expected = 100 * (results["cifar-10"]["primary_value"] + results["kitti-distance"]["primary_value"]) / 2
+    assert average[0]["dataset"] == "ELEVATER average (2/20)" and float(average[0]["score"]) == pytest.approx(expected, abs=0.01)
