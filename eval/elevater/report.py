@@ -107,20 +107,21 @@ def write_summary(results: Sequence[dict], out_dir: str, stem: str = "summary") 
 
 
 def plot_results(results: Sequence[dict], path: str, title: str = "Zero-shot classification") -> str:
-    """Grouped bar chart: datasets on the x axis, one bar per (model, language)."""
+    """Grouped bar chart: datasets on the x axis, one bar per (model, language, protocol); each bar is
+    the protocol's primary metric (the dataset's own metric, or top-1 for `cnclip_zh`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     datasets = sorted({r["dataset"] for r in results}, key=_order)
-    series = sorted({(r["model"], r["language"]) for r in results})
-    value = {(r["model"], r["language"], r["dataset"]): r["primary_value"] for r in results}
+    series = sorted({(r["model"], r["language"], r["protocol"]["name"]) for r in results})
+    value = {(r["model"], r["language"], r["protocol"]["name"], r["dataset"]): r["primary_value"] for r in results}
     width = 0.8 / max(len(series), 1)
     figure, axis = plt.subplots(figsize=(max(6.0, 0.6 * len(datasets) * max(1, len(series)) + 2), 4.5))
-    for i, (model, language) in enumerate(series):
-        heights = [100 * (value.get((model, language, d)) or 0.0) for d in datasets]
-        axis.bar(np.arange(len(datasets)) + i * width, heights, width, label=f"{model} [{language}]")
+    for i, (model, language, protocol) in enumerate(series):
+        heights = [100 * (value.get((model, language, protocol, d)) or 0.0) for d in datasets]
+        axis.bar(np.arange(len(datasets)) + i * width, heights, width, label=f"{model} [{language}, {protocol}]")
     axis.set_xticks(np.arange(len(datasets)) + width * (len(series) - 1) / 2)
     axis.set_xticklabels(datasets, rotation=45, ha="right")
     axis.set_ylabel("primary metric (%)")
