@@ -294,11 +294,25 @@ def register_open_clip_config(name: str, config: Mapping[str, Any]) -> str:
     missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(config)
     if missing:
         raise ConfigError(f"open_clip config {name!r} lacks {sorted(missing)}")
-    directory = tempfile.mkdtemp(prefix="open_clip_cfg_")
-    with open(os.path.join(directory, f"{name}.json"), "w") as handle:
+    path = os.path.join(_config_directory(), f"{name}.json")
+    with open(path, "w") as handle:
         json.dump(dict(config), handle)
-    open_clip.add_model_config(os.path.join(directory, f"{name}.json"))
+    open_clip.add_model_config(path)   # open_clip reads its registry from files
     return name
+
+
+_CONFIG_DIRECTORY: list[str] = []
+
+
+def _config_directory() -> str:
+    """One temporary folder per process for registered configs, removed at exit."""
+    if not _CONFIG_DIRECTORY:
+        import atexit
+        import shutil
+
+        _CONFIG_DIRECTORY.append(tempfile.mkdtemp(prefix="open_clip_configs_"))
+        atexit.register(shutil.rmtree, _CONFIG_DIRECTORY[0], ignore_errors=True)
+    return _CONFIG_DIRECTORY[0]
 
 
 def load_open_clip(name_or_dir: str, pretrained: str | None = None, *, model_config: str | Mapping | None = None,
