@@ -200,9 +200,11 @@ class CCDPlugin(DistillationPlugin):
         if set(state) != expected:
             raise ValueError(f"ccd hidden state: missing {sorted(expected - set(state))[:5]}, "
                              f"unexpected {sorted(set(state) - expected)[:5]}")
-        self._ema_backbone.module.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("teacher.")})
-        self._ema_head.module.load_state_dict(
-            {k[13:]: v for k, v in state.items() if k.startswith("teacher_head.")})
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+        self._ema_backbone.module.load_state_dict(part("teacher."))
+        self._ema_head.module.load_state_dict(part("teacher_head."))
         self._centre.value.copy_(state["center"])
 
     def save_student(self, student: nn.Module, directory: str) -> None:
