@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import tempfile
 import time
 import zipfile
@@ -147,6 +148,7 @@ def main() -> None:
               f"{result['classifier']['cache_hit']}, text {result['runtime_s']['text']:.3f}s, "
               f"total {result['runtime_s']['total']:.2f}s")
     handle.remove()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
