@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -30,54 +29,6 @@ SETTINGS = {
 }
 BLOCK = 64
 VOCAB = 1024
-
-
-def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def train_language_model(blocks: torch.Tensor, vocab: int, steps: int, *, seed: int = 1234):
-    """The 'original' LM: next-token training on the docstring blocks (a plain loop, AdamW, cosine)."""
-    from vlmdistill.plugins.lingudistill.toy_vlm import llama_lm
-
-    lm = llama_lm(vocab, seed=seed)
-    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed)
-    lm.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, steps, 3e-3, max(1, steps // 20))
-        batch = blocks[torch.randint(0, blocks.shape[0], (32,), generator=g)]
-        loss = lm(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-    return lm.eval()
-
-
-def train_vision_encoder(images: torch.Tensor, labels: torch.Tensor, steps: int, *, seed: int = 1234):
-    """A CLIP vision tower pre-trained as a digit classifier (mean of patch features + a linear probe)."""
-    from vlmdistill.plugins.lingudistill.toy_vlm import vision_encoder
-
-    vision = vision_encoder(image_size=images.shape[-1], seed=seed)
-    probe = torch.nn.Linear(vision.config.hidden_size, 10)
-    params = list(vision.parameters()) + list(probe.parameters())
-    opt = torch.optim.AdamW(params, lr=2e-3)
-    g = torch.Generator().manual_seed(seed)
-    vision.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, steps, 2e-3, max(1, steps // 20))
-        idx = torch.randint(0, images.shape[0], (64,), generator=g)
-        feats = vision(pixel_values=images[idx]).last_hidden_state[:, 1:].mean(1)
-        loss = torch.nn.functional.cross_entropy(probe(feats), labels[idx])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return vision.eval()
 
 
 @torch.no_grad()
@@ -192,7 +143,8 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, alpha: float = 0
         control: bool = False, threads: int = 1) -> dict:
     from vlmdistill.data.digits import load_digits_images
     from vlmdistill.plugins.lingudistill.toy_vlm import (DIGIT_DATASETS, DigitTasks, IMAGE_TOKEN, image_tokens,
-                                                         llava_from_parts, student_tokenizer)
+                                                         llava_from_parts, student_tokenizer, train_language_model,
+                                                         train_vision_encoder)
 
     torch.set_num_threads(max(1, threads))
     scale = SETTINGS["quick" if quick else "full"]

@@ -9,6 +9,7 @@ transformers, and `vlmdistill.wrap(..., plugin="lingudistill")` sees exactly wha
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
 import torch
@@ -34,6 +35,50 @@ def vision_encoder(*, image_size: int = 16, patch_size: int = 4, hidden: int = 6
     torch.manual_seed(seed)
     return CLIPVisionModel(CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                                             num_attention_heads=4, image_size=image_size, patch_size=patch_size))
+
+
+def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_language_model(blocks: torch.Tensor, vocab: int, steps: int, *, seed: int = 1234):
+    """The 'original' LM: next-token training on the docstring blocks (a plain loop, AdamW, cosine)."""
+    lm = llama_lm(vocab, seed=seed)
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    lm.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, steps, 3e-3, max(1, steps // 20))
+        batch = blocks[torch.randint(0, blocks.shape[0], (32,), generator=g)]
+        loss = lm(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    return lm.eval()
+
+
+def train_vision_encoder(images: torch.Tensor, labels: torch.Tensor, steps: int, *, seed: int = 1234):
+    """A CLIP vision tower pre-trained as a digit classifier (mean of patch features + a linear probe)."""
+    vision = vision_encoder(image_size=images.shape[-1], seed=seed)
+    probe = torch.nn.Linear(vision.config.hidden_size, 10)
+    params = list(vision.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    vision.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, steps, 2e-3, max(1, steps // 20))
+        idx = torch.randint(0, images.shape[0], (64,), generator=g)
+        feats = vision(pixel_values=images[idx]).last_hidden_state[:, 1:].mean(1)
+        loss = torch.nn.functional.cross_entropy(probe(feats), labels[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return vision.eval()
 
 
 def image_tokens(vision) -> int:
