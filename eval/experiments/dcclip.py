@@ -30,9 +30,11 @@ from vlmdistill.data.digits import (CAPTION_TEMPLATES_EN, CAPTION_TEMPLATES_ZH, 
 
 IMAGE_SIZE = 16          # digits are 8x8; every model sees them upscaled (bicubic) to 16x16
 TEACHER = dict(hidden=96, layers=3, heads=4, patch=4, projection=64)    # 4x4 patch grid
-STUDENT = dict(hidden=32, layers=2, heads=2, patch=8, projection=32)    # 2x2 patch grid
+STUDENT = dict(hidden=32, layers=2, heads=2, patch=8, projection=64)    # 2x2 patch grid, teacher's joint width
 BATCH = 64
 LR = 3e-3
+TEACHER_STEPS = 700      # long enough for the teacher to beat a student trained from scratch
+STUDENT_STEPS = 150      # a budget at which the student from scratch is not yet saturated
 
 
 # ---------------------------------------------------------------------------- data
@@ -113,8 +115,10 @@ def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train(wrapped, stream, steps: int, *, lr: float = LR, keep: tuple[str, ...] = (), label: str = "") -> list[dict]:
-    """A hand-written loop: AdamW, linear warm-up then cosine decay, `step_end()` after each step."""
+def train(wrapped, stream, steps: int, *, lr: float = LR, keep: tuple[str, ...] = (), label: str = "",
+          snapshot: tuple[str, Any] | None = None) -> list[dict]:
+    """A hand-written loop: AdamW, linear warm-up then cosine decay, `step_end()` after each step.
+    `snapshot=(directory, tokenizer)` exports the student when the stage switches (for evaluation)."""
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
@@ -132,6 +136,8 @@ def train(wrapped, stream, steps: int, *, lr: float = LR, keep: tuple[str, ...] 
         schedule.step()
         stage = int(wrapped.plugin.stage)  # the stage this step trained in (step_end may switch it)
         wrapped.step_end()
+        if snapshot is not None and stage == 1 and int(wrapped.plugin.stage) == 2:
+            export(wrapped.student, snapshot[1], snapshot[0])
         if step % max(1, steps // 10) == 0 or step == steps - 1:
             terms = {k: round(float(v), 4) for k, v in out.loss_terms.items()}
             history.append({"step": step + 1, "stage": stage, "loss": round(float(out.loss.detach()), 4), **terms})
@@ -167,6 +173,14 @@ def zero_shot(model_dir: str, eval_dir: str) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------- the experiment
 
+ARMS = (
+    # (row name, dcclip config or None for plain InfoNCE from scratch)
+    ("student, from scratch", None),
+    ("student, DC-CLIP", {"image_weight": 1.0, "text_weight": 1.0}),
+    ("student, DC-CLIP + embedding term", {"image_weight": 1.0, "text_weight": 1.0, "embedding_weight": 1.0}),
+)
+
+
 def run(output_dir: str, seeds: list[int], quick: bool = False, threads: int = 1) -> dict[str, Any]:
     # Tiny models are overhead-bound: one intra-op thread is as fast, and far faster on a busy machine.
     torch.set_num_threads(threads)
@@ -174,9 +188,9 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, threads: int = 1
     workdir = os.path.join(output_dir, "work")
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir, exist_ok=True)
-    teacher_steps, student_steps = (12, 12) if quick else (300, 300)
+    teacher_steps, student_steps = (12, 12) if quick else (TEACHER_STEPS, STUDENT_STEPS)
     stage1_steps = student_steps // 2
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"eval": 0.0}
 
     t0 = time.perf_counter()
     data = build_data(workdir, quick=quick)
@@ -189,7 +203,7 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, threads: int = 1
     teacher = make_clip(TEACHER, vocab, seed=1000)
     dataset, collate = make_loader(data["shards"], tokenizer, seed=1000)
     wrapped = vlmdistill.wrap(teacher, plugin="dcclip", stage=2)  # stage 2 alone = plain CLIP training
-    teacher_history = train(wrapped, batches(dataset, collate), teacher_steps, label="teacher")
+    histories: dict[str, Any] = {"teacher": train(wrapped, batches(dataset, collate), teacher_steps, label="teacher")}
     teacher = vlmdistill.unwrap(wrapped).eval()
     teacher_dir = export(teacher, tokenizer, os.path.join(workdir, "teacher"))
     timings["teacher_train"] = time.perf_counter() - t0
@@ -198,56 +212,59 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, threads: int = 1
     t0 = time.perf_counter()
     cache_dir = os.path.join(workdir, "teacher_cache")
     dataset, collate = make_loader(data["shards"], tokenizer, seed=0, shuffle=False)
-    builder = vlmdistill.wrap(make_clip(STUDENT, vocab, seed=0), plugin="dcclip", teacher=teacher, stage=1,
-                              data_fingerprint=dataset.fingerprint())
+    builder = vlmdistill.wrap(make_clip(STUDENT, vocab, seed=0), plugin="dcclip", teacher=teacher,
+                              data_fingerprint=dataset.fingerprint(), teacher_tokenizer=tokenizer)
     loader = torch.utils.data.DataLoader(dataset, batch_size=256, collate_fn=collate)
     builder.plugin.build_teacher_cache(loader, cache_dir, progress=False)
     vlmdistill.unwrap(builder)
     timings["teacher_cache"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    teacher_acc = zero_shot(teacher_dir, data["eval"])
-    timings["eval"] = time.perf_counter() - t0
+    def evaluate(directory: str) -> dict[str, float]:
+        t = time.perf_counter()
+        out = zero_shot(directory, data["eval"])
+        timings["eval"] += time.perf_counter() - t
+        return out
+
     rows = [{"model": "teacher", "seed": 1000, "params": parameter_count(teacher), "steps": teacher_steps,
-             **teacher_acc}]
-    histories: dict[str, Any] = {"teacher": teacher_history}
+             **evaluate(teacher_dir)}]
     for seed in seeds:
-        print(f"[dcclip demo] seed {seed}: student from scratch, {student_steps} InfoNCE steps", flush=True)
-        t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        dataset, collate = make_loader(data["shards"], tokenizer, seed=seed)
-        scratch = vlmdistill.wrap(make_clip(STUDENT, vocab, seed=seed), plugin="dcclip", stage=2)
-        histories[f"scratch/{seed}"] = train(scratch, batches(dataset, collate), student_steps, label="scratch")
-        scratch_dir = export(vlmdistill.unwrap(scratch), tokenizer, os.path.join(workdir, f"scratch_{seed}"))
-        timings[f"scratch_{seed}"] = time.perf_counter() - t0
+        for arm, (name, config) in enumerate(ARMS):
+            t0 = time.perf_counter()
+            torch.manual_seed(seed)
+            dataset, collate = make_loader(data["shards"], tokenizer, seed=seed)
+            student = make_clip(STUDENT, vocab, seed=seed)  # the same initial weights in every arm
+            tag = f"arm{arm}_seed{seed}"
+            if config is None:
+                print(f"[dcclip demo] seed {seed}: {name}, {student_steps} InfoNCE steps", flush=True)
+                wrapped = vlmdistill.wrap(student, plugin="dcclip", stage=2)
+                snapshot = None
+            else:
+                print(f"[dcclip demo] seed {seed}: {name}, stage 1 for {stage1_steps} steps (cached teacher "
+                      f"features), stage 2 for {student_steps - stage1_steps}", flush=True)
+                wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, stage=1,
+                                          switch_at_step=stage1_steps, teacher_cache=cache_dir,
+                                          data_fingerprint=dataset.fingerprint(), student_tokenizer=tokenizer,
+                                          teacher_tokenizer=tokenizer, **config)
+                snapshot = os.path.join(workdir, f"{tag}_after_stage1")
+            histories[f"{tag}"] = train(wrapped, batches(dataset, collate), student_steps,
+                                        keep=("sample_key", "augmentation_seed"), label=name,
+                                        snapshot=(snapshot, tokenizer) if snapshot else None)
+            if config is not None:
+                assert int(wrapped.plugin.switched_at_step) == stage1_steps
+            directory = export(vlmdistill.unwrap(wrapped), tokenizer, os.path.join(workdir, tag))
+            timings[tag] = time.perf_counter() - t0
+            row = {"model": name, "seed": seed, "params": parameter_count(student), "steps": student_steps,
+                   **evaluate(directory)}
+            if snapshot:
+                row["after_stage1"] = evaluate(snapshot)
+            rows.append(row)
 
-        print(f"[dcclip demo] seed {seed}: DC-CLIP student, stage 1 for {stage1_steps} steps (cached teacher "
-              f"features), stage 2 for {student_steps - stage1_steps}", flush=True)
-        t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        dataset, collate = make_loader(data["shards"], tokenizer, seed=seed)
-        distilled = vlmdistill.wrap(make_clip(STUDENT, vocab, seed=seed), plugin="dcclip", teacher=teacher, stage=1,
-                                    switch_at_step=stage1_steps, teacher_cache=cache_dir,
-                                    data_fingerprint=dataset.fingerprint(), student_tokenizer=tokenizer,
-                                    teacher_tokenizer=tokenizer)
-        histories[f"dcclip/{seed}"] = train(distilled, batches(dataset, collate), student_steps,
-                                            keep=("sample_key", "augmentation_seed"), label="dcclip")
-        assert int(distilled.plugin.switched_at_step) == stage1_steps
-        dcclip_dir = export(vlmdistill.unwrap(distilled), tokenizer, os.path.join(workdir, f"dcclip_{seed}"))
-        timings[f"dcclip_{seed}"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        for name, directory, model in (("student (scratch)", scratch_dir, scratch.student),
-                                       ("student (DC-CLIP)", dcclip_dir, distilled.student)):
-            rows.append({"model": name, "seed": seed, "params": parameter_count(model), "steps": student_steps,
-                         **zero_shot(directory, data["eval"])})
-        timings["eval"] += time.perf_counter() - t0
-
-    summary = _summarise(rows)
-    results = {"experiment": "dcclip-digits", "quick": quick, "seeds": seeds, "rows": rows, "summary": summary,
+    results = {"experiment": "dcclip-digits", "quick": quick, "seeds": seeds, "rows": rows,
+               "summary": _summarise(rows),
                "setup": {"image_size": IMAGE_SIZE, "teacher": TEACHER, "student": STUDENT, "batch": BATCH, "lr": LR,
                          "teacher_steps": teacher_steps, "student_steps": student_steps,
-                         "stage1_steps": stage1_steps, "tokenizer_vocab": vocab,
+                         "stage1_steps": stage1_steps, "tokenizer_vocab": vocab, "arms": [a[0] for a in ARMS],
+                         "arm_configs": [a[1] for a in ARMS],
                          "train_images": data["num_train_images"], "train_samples": data["num_train_samples"],
                          "test_images": data["num_test_images"], "torch_threads": torch.get_num_threads()},
                "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -264,17 +281,22 @@ def _summarise(rows: list[dict]) -> list[dict]:
             values = [r[language] for r in group]
             entry[f"{language}_mean"] = statistics.mean(values)
             entry[f"{language}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            if "after_stage1" in group[0]:
+                entry[f"{language}_after_stage1_mean"] = statistics.mean(r["after_stage1"][language] for r in group)
         out.append(entry)
     return out
 
 
 def markdown(results: dict) -> str:
-    lines = ["| model | params | runs (seeds) | zero-shot acc, English prompts | zero-shot acc, Chinese prompts |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| model | params | runs (seeds) | zero-shot top-1, English prompts | zero-shot top-1, Chinese prompts "
+             "| after stage 1 (en / zh) |", "|---|---:|---:|---:|---:|---:|"]
     for e in results["summary"]:
+        stage1 = (f"{100 * e['en_after_stage1_mean']:.1f} / {100 * e['zh_after_stage1_mean']:.1f}"
+                  if "en_after_stage1_mean" in e else "")
         lines.append(f"| {e['model']} | {e['params']:,} | {e['runs']} | {100 * e['en_mean']:.1f} ± "
-                     f"{100 * e['en_std']:.1f} | {100 * e['zh_mean']:.1f} ± {100 * e['zh_std']:.1f} |")
-    lines += ["", "Per seed:", "", "| model | seed | English | Chinese |", "|---|---:|---:|---:|"]
+                     f"{100 * e['en_std']:.1f} | {100 * e['zh_mean']:.1f} ± {100 * e['zh_std']:.1f} | {stage1} |")
+    lines += ["", "Per seed (± above: standard deviation over seeds):", "", "| model | seed | English | Chinese |",
+              "|---|---:|---:|---:|"]
     for r in results["rows"]:
         lines.append(f"| {r['model']} | {r['seed']} | {100 * r['en']:.1f} | {100 * r['zh']:.1f} |")
     s = results["setup"]
@@ -288,7 +310,7 @@ def markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmdistill demo dcclip", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="runs/demo-dcclip")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="a few steps on a subset: a smoke test, not a result")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args(argv)

@@ -90,9 +90,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All ranks' rows, in rank order, with gradient flowing back to each rank's own rows."""
     if _world() == 1:
         return x
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of functional collectives, still differentiable
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def symmetric_info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, *,
