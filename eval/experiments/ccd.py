@@ -25,11 +25,13 @@ import torch
 SCALES = {
     # encoder, pretraining and fine-tuning sizes; "full" is sized for about 10 minutes on 2 CPU cores
     "full": dict(embed_dim=64, depth=4, heads=2, seg_blocks=[2, 3, 4], pretrain_images=3000, pretrain_steps=100,
-                 pretrain_batch=32, finetune_steps=100, finetune_batch=16, eval_images=300, out_dim=2048,
-                 head_hidden=256, bottleneck=64, seg_hidden=32, seg_map=16),
+                 pretrain_batch=32, finetune_steps=100, finetune_batch=16, finetune_lr=1e-3, probe_steps=1500,
+                 probe_batch=32, eval_images=300, out_dim=2048, head_hidden=256, bottleneck=64, seg_hidden=32,
+                 seg_map=16),
     "quick": dict(embed_dim=32, depth=3, heads=2, seg_blocks=[1, 2, 3], pretrain_images=200, pretrain_steps=4,
-                  pretrain_batch=8, finetune_steps=4, finetune_batch=8, eval_images=16, out_dim=256,
-                  head_hidden=64, bottleneck=32, seg_hidden=16, seg_map=8),
+                  pretrain_batch=8, finetune_steps=4, finetune_batch=8, finetune_lr=1e-3, probe_steps=20,
+                  probe_batch=8, eval_images=16, out_dim=256, head_hidden=64, bottleneck=32, seg_hidden=16,
+                  seg_map=8),
 }
 LABEL_FRACTIONS = (0.01, 0.10)
 QUICK_WORDS = (["alpha", "beta", "gamma", "delta", "format", "string", "module", "return", "value", "object",
@@ -86,7 +88,14 @@ def _pretrain(images: np.ndarray, scale: dict, output_dir: str, seed: int):
     return teacher_encoder(wrapped), logs
 
 
+def _cosine(optimizer, steps: int):
+    warmup = max(1, steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
 def _finetune(encoder, images: np.ndarray, words: list[str], scale: dict, seed: int):
+    """Full fine-tuning: encoder and CTC head, AdamW with warm-up + cosine, gradient clipping 3."""
     from vlmdistill.plugins.ccd import CTCRecognizer
     from vlmdistill.plugins.ccd.rendering import to_pixel_values
 
@@ -94,10 +103,8 @@ def _finetune(encoder, images: np.ndarray, words: list[str], scale: dict, seed: 
     recogniser = CTCRecognizer(encoder)
     pixels = to_pixel_values(images)
     steps, batch = scale["finetune_steps"], scale["finetune_batch"]
-    optimizer = torch.optim.AdamW(recogniser.parameters(), lr=1e-3, weight_decay=0.05)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    optimizer = torch.optim.AdamW(recogniser.parameters(), lr=scale["finetune_lr"], weight_decay=0.05)
+    schedule = _cosine(optimizer, steps)
     g = torch.Generator().manual_seed(seed)
     recogniser.train()
     for _ in range(steps):
@@ -111,6 +118,40 @@ def _finetune(encoder, images: np.ndarray, words: list[str], scale: dict, seed: 
     return recogniser.eval()
 
 
+@torch.no_grad()
+def _columns(encoder, images: np.ndarray, batch: int = 64) -> torch.Tensor:
+    """Frozen-encoder column features `[N, T, E]` (what the recogniser's head reads)."""
+    from vlmdistill.plugins.ccd import CTCRecognizer
+    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+
+    recogniser = CTCRecognizer(encoder).eval()
+    pixels = to_pixel_values(images)
+    return torch.cat([recogniser.column_features(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
+
+
+def _probe(encoder, columns: torch.Tensor, words: list[str], eval_columns: torch.Tensor, eval_words: list[str],
+           scale: dict, seed: int) -> dict:
+    """Frozen encoder: only the recogniser's LayerNorm + linear CTC head is trained, on cached features."""
+    from vlmdistill.plugins.ccd import CTCRecognizer
+
+    torch.manual_seed(seed)
+    recogniser = CTCRecognizer(encoder)
+    params = list(recogniser.norm.parameters()) + list(recogniser.classifier.parameters())
+    steps = scale["probe_steps"]
+    optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.05)
+    schedule = _cosine(optimizer, steps)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(len(words), (min(scale["probe_batch"], len(words)),), generator=g)
+        loss = recogniser.ctc_loss(recogniser.classify(columns[idx]), [words[i] for i in idx.tolist()])
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        return _scores(recogniser.greedy_decode(recogniser.classify(eval_columns)), eval_words)
+
+
 def _edit_distance(a: str, b: str) -> int:
     row = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
@@ -120,21 +161,27 @@ def _edit_distance(a: str, b: str) -> int:
     return row[-1]
 
 
-def evaluate(recogniser, images: np.ndarray, words: list[str], batch: int = 64) -> dict:
+def _scores(predicted: list[str], words: list[str]) -> dict:
     """Word accuracy and character accuracy: 1 − mean normalised edit distance (distance / longer length)."""
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
-
-    pixels = to_pixel_values(images)
-    predicted = []
-    for start in range(0, len(words), batch):
-        predicted.extend(recogniser.decode(pixels[start:start + batch]))
     ned = [_edit_distance(p, w) / max(len(p), len(w), 1) for p, w in zip(predicted, words)]
     return {"word_accuracy": sum(p == w for p, w in zip(predicted, words)) / len(words),
             "char_accuracy": 1.0 - sum(ned) / len(words),
             "examples": [(w, p) for w, p in zip(words[:5], predicted[:5])]}
 
 
-def run(output_dir: str, seeds: list[int], quick: bool = False) -> dict:
+def evaluate(recogniser, images: np.ndarray, words: list[str], batch: int = 64) -> dict:
+    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+
+    pixels = to_pixel_values(images)
+    predicted = []
+    for start in range(0, len(words), batch):
+        predicted.extend(recogniser.decode(pixels[start:start + batch]))
+    return _scores(predicted, words)
+
+
+def run(output_dir: str, seeds: list[int], quick: bool = False, encoder_dir: str | None = None) -> dict:
+    from vlmdistill.plugins.ccd import CCDViT
+
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     scale = SCALES["quick" if quick else "full"]
     t0 = time.time()
@@ -145,13 +192,18 @@ def run(output_dir: str, seeds: list[int], quick: bool = False) -> dict:
           f"({data['vocabulary'][0]} training / {data['vocabulary'][1]} held-out words) in {time.time() - t0:.0f} s")
 
     t1 = time.time()
-    pretrained, logs = _pretrain(pre_images, scale, output_dir, seed=0)
+    if encoder_dir:
+        pretrained, logs = CCDViT.from_pretrained(encoder_dir), []
+        print(f"CCD teacher encoder from {encoder_dir} (no pretraining)")
+    else:
+        pretrained, logs = _pretrain(pre_images, scale, output_dir, seed=0)
+        pretrained.save_pretrained(os.path.join(output_dir, "ccd_teacher_encoder"))
+        print(f"CCD pretraining: {scale['pretrain_steps']} steps in {time.time() - t1:.0f} s; loss "
+              f"{logs[0]['loss']:.3f} -> {logs[-1]['loss']:.3f}, characters per image "
+              f"{logs[-1].get('distill/paired_characters', float('nan')):.1f}")
     pretrain_seconds = time.time() - t1
-    first, last = logs[0], logs[-1]
-    print(f"CCD pretraining: {scale['pretrain_steps']} steps in {pretrain_seconds:.0f} s; loss {first['loss']:.3f} -> "
-          f"{last['loss']:.3f}, characters per image {last.get('distill/paired_characters', float('nan')):.1f}")
 
-    rows = []
+    rows, eval_cache = [], {}
     for fraction in LABEL_FRACTIONS:
         n = max(2, int(round(fraction * len(pre_words))))
         subset = data["order"][:n]
@@ -159,28 +211,36 @@ def run(output_dir: str, seeds: list[int], quick: bool = False) -> dict:
         for seed in seeds:
             for arm in ("scratch", "ccd"):
                 encoder = copy.deepcopy(pretrained) if arm == "ccd" else _encoder(scale, 1000 + seed)
+                key = arm if arm == "ccd" else f"scratch-{seed}"
+                if key not in eval_cache:
+                    eval_cache[key] = _columns(encoder, eval_images)
                 t2 = time.time()
-                recogniser = _finetune(encoder, images, words, scale, seed)
-                scores = evaluate(recogniser, eval_images, eval_words)
-                rows.append({"labels": fraction, "labelled_images": n, "seed": seed, "init": arm,
-                             "seconds": time.time() - t2, **scores})
-                print(f"{fraction:4.0%} labels ({n:4d} images) seed {seed} {arm:7s}: word acc "
-                      f"{scores['word_accuracy']:.3f}  char acc {scores['char_accuracy']:.3f}  "
-                      f"e.g. {scores['examples'][:2]}")
+                frozen = _probe(encoder, _columns(encoder, images), words, eval_cache[key], eval_words, scale, seed)
+                rows.append({"protocol": "frozen", "labels": fraction, "labelled_images": n, "seed": seed,
+                             "init": arm, "seconds": time.time() - t2, **frozen})
+                t2 = time.time()
+                tuned = evaluate(_finetune(encoder, images, words, scale, seed), eval_images, eval_words)
+                rows.append({"protocol": "finetune", "labels": fraction, "labelled_images": n, "seed": seed,
+                             "init": arm, "seconds": time.time() - t2, **tuned})
+                print(f"{fraction:4.0%} labels ({n:4d} images) seed {seed} {arm:7s}: frozen word/char "
+                      f"{frozen['word_accuracy']:.3f}/{frozen['char_accuracy']:.3f}, fine-tuned "
+                      f"{tuned['word_accuracy']:.3f}/{tuned['char_accuracy']:.3f}  e.g. {tuned['examples'][:2]}",
+                      flush=True)
 
     summary = {}
-    for fraction in LABEL_FRACTIONS:
-        for arm in ("scratch", "ccd"):
-            sel = [r for r in rows if r["labels"] == fraction and r["init"] == arm]
-            entry = {}
-            for metric in ("word_accuracy", "char_accuracy"):
-                values = [r[metric] for r in sel]
-                entry[metric] = statistics.mean(values)
-                entry[metric + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-            summary[f"{fraction:.2f}/{arm}"] = entry
+    for protocol in ("finetune", "frozen"):
+        for fraction in LABEL_FRACTIONS:
+            for arm in ("scratch", "ccd"):
+                sel = [r for r in rows if r["protocol"] == protocol and r["labels"] == fraction and r["init"] == arm]
+                entry = {}
+                for metric in ("word_accuracy", "char_accuracy"):
+                    values = [r[metric] for r in sel]
+                    entry[metric] = statistics.mean(values)
+                    entry[metric + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                summary[f"{protocol}/{fraction:.2f}/{arm}"] = entry
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result = {"setting": {**scale, "seeds": seeds, "label_fractions": list(LABEL_FRACTIONS), "quick": quick,
-                          "pretrain_seed": 0, "threads": torch.get_num_threads()},
+                          "pretrain_seed": 0, "threads": torch.get_num_threads(), "encoder_dir": encoder_dir},
               "pretraining": {"seconds": pretrain_seconds, "log": logs},
               "runs": rows, "summary": summary, "seconds": time.time() - t0,
               # on a shared machine the wall time depends on the load; CPU time says what the run itself cost
@@ -193,16 +253,21 @@ def _write(output_dir: str, result: dict) -> None:
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "results.json"), "w") as fh:
         json.dump(result, fh, indent=2)
-    s = result["summary"]
-    lines = ["| labels | init | word accuracy | char accuracy |", "|---|---|---|---|"]
-    for fraction in result["setting"]["label_fractions"]:
-        n = next(r["labelled_images"] for r in result["runs"] if r["labels"] == fraction)
-        for arm, label in (("scratch", "random (from scratch)"), ("ccd", "CCD teacher encoder")):
-            e = s[f"{fraction:.2f}/{arm}"]
-            lines.append(f"| {fraction:.0%} ({n} images) | {label} | {e['word_accuracy']:.3f} ± "
-                         f"{e['word_accuracy_std']:.3f} | {e['char_accuracy']:.3f} ± {e['char_accuracy_std']:.3f} |")
-    st = result["setting"]
-    lines.append(f"\nseeds {st['seeds']} (fine-tuning; pretraining seed {st['pretrain_seed']}), "
+    s, st = result["summary"], result["setting"]
+    titles = {"finetune": f"Fine-tuned recogniser ({st['finetune_steps']} steps, batch {st['finetune_batch']})",
+              "frozen": f"Frozen encoder, CTC head only ({st['probe_steps']} steps on cached features)"}
+    lines = []
+    for protocol in ("finetune", "frozen"):
+        lines += [f"**{titles[protocol]}**", "", "| labels | encoder init | word accuracy | char accuracy |",
+                  "|---|---|---|---|"]
+        for fraction in st["label_fractions"]:
+            n = next(r["labelled_images"] for r in result["runs"] if r["labels"] == fraction)
+            for arm, label in (("scratch", "random (from scratch)"), ("ccd", "CCD teacher encoder")):
+                e = s[f"{protocol}/{fraction:.2f}/{arm}"]
+                lines.append(f"| {fraction:.0%} ({n} images) | {label} | {e['word_accuracy']:.3f} ± "
+                             f"{e['word_accuracy_std']:.3f} | {e['char_accuracy']:.3f} ± {e['char_accuracy_std']:.3f} |")
+        lines.append("")
+    lines.append(f"seeds {st['seeds']} (fine-tuning; pretraining seed {st['pretrain_seed']}), "
                  f"pretraining {result['pretraining']['seconds']:.0f} s, total {result['seconds']:.0f} s wall, "
                  f"{result['cpu_seconds']:.0f} s CPU ({st['threads']} threads; load average at the end "
                  f"{result['load_average'][0]:.1f})")
@@ -217,8 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default="runs/demo-ccd")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+    parser.add_argument("--encoder", default=None,
+                        help="a saved CCD teacher encoder (e.g. OUTPUT_DIR/ccd_teacher_encoder): skip pretraining")
     args = parser.parse_args(argv)
-    run(args.output_dir, args.seeds, args.quick)
+    run(args.output_dir, args.seeds, args.quick, args.encoder)
     return 0
 
 

@@ -58,13 +58,20 @@ class CTCRecognizer(nn.Module):
         self.norm = nn.LayerNorm(spec.width)
         self.classifier = nn.Linear(spec.width, len(charset) + 1)  # index 0 = CTC blank
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`[B, T, classes]` log-probabilities, T = image width / patch width."""
+    def column_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, T, E]`: encoder patch tokens averaged over each column of the token grid."""
         h, w = pixel_values.shape[-2:]
         grid = (h // self.patch_size[0], w // self.patch_size[1])
         tokens = patch_tokens(self.encoder(pixel_values=pixel_values).last_hidden_state, grid)
-        columns = tokens.view(tokens.shape[0], grid[0], grid[1], -1).mean(1)
+        return tokens.view(tokens.shape[0], grid[0], grid[1], -1).mean(1)
+
+    def classify(self, columns: torch.Tensor) -> torch.Tensor:
+        """Column features -> `[B, T, classes]` log-probabilities."""
         return F.log_softmax(self.classifier(self.norm(columns)).float(), dim=-1)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, T, classes]` log-probabilities, T = image width / patch width."""
+        return self.classify(self.column_features(pixel_values))
 
     def encode(self, words: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         index = {c: i + 1 for i, c in enumerate(self.charset)}
@@ -74,18 +81,18 @@ class CTCRecognizer(nn.Module):
         targets = torch.tensor([index[c] for word in words for c in word], dtype=torch.long)
         return targets, torch.tensor([len(word) for word in words], dtype=torch.long)
 
-    def loss(self, pixel_values: torch.Tensor, words: list[str]) -> torch.Tensor:
-        log_probs = self(pixel_values)
+    def ctc_loss(self, log_probs: torch.Tensor, words: list[str]) -> torch.Tensor:
         targets, lengths = self.encode(words)
         steps = torch.full((log_probs.shape[0],), log_probs.shape[1], dtype=torch.long)
         return F.ctc_loss(log_probs.transpose(0, 1), targets, steps, lengths, blank=0, zero_infinity=True)
 
-    @torch.no_grad()
-    def decode(self, pixel_values: torch.Tensor) -> list[str]:
-        """Greedy CTC decoding: best class per step, repeats merged, blanks dropped."""
-        best = self(pixel_values).argmax(-1).tolist()
+    def loss(self, pixel_values: torch.Tensor, words: list[str]) -> torch.Tensor:
+        return self.ctc_loss(self(pixel_values), words)
+
+    def greedy_decode(self, log_probs: torch.Tensor) -> list[str]:
+        """Best class per step, repeats merged, blanks dropped."""
         words = []
-        for row in best:
+        for row in log_probs.argmax(-1).tolist():
             chars, previous = [], 0
             for k in row:
                 if k != previous and k != 0:
@@ -93,3 +100,7 @@ class CTCRecognizer(nn.Module):
                 previous = k
             words.append("".join(chars))
         return words
+
+    @torch.no_grad()
+    def decode(self, pixel_values: torch.Tensor) -> list[str]:
+        return self.greedy_decode(self(pixel_values))
