@@ -119,7 +119,20 @@ def test_packed_documents_do_not_leak():
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(use_reentrant):
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(use_reentrant, monkeypatch):
+    """Checkpointing re-runs attention in backward: nothing is captured twice, and with it on the stash copies
+    the shared positions (without it, it holds the K/V autograd keeps anyway): same loss, same gradients."""
+    from vlmdistill.plugins.lingudistill.attention import ForwardState
+
+    kinds = []
+    original = ForwardState.shared_kv
+
+    def spy(self, layer):
+        kinds.append("compact" if self.stash[layer][2] else "reference")
+        return original(self, layer)
+
+    monkeypatch.setattr(ForwardState, "shared_kv", spy)
+
     def run(checkpointing):
         student = FAMILY_BUILDERS["llava"](seed=1, dtype=torch.float64)
         teacher = independent_teacher(student)
@@ -127,13 +140,17 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(use_reentrant)
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
         wrapped = vlmdistill.wrap(student, plugin="lingudistill", teacher=teacher)
         wrapped.train()
-        out = wrapped(**_batch("llava"))
+        g = torch.Generator().manual_seed(0)  # no padding: transformers' SDPA then keeps the K/V itself
+        batch = collate([vlm_example("llava", g, image_at=2), vlm_example("llava", g, image_at=3)])
+        out = wrapped(**{k: v.double() if v.is_floating_point() else v for k, v in batch.items()})
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.grad is not None}
         return out.loss.detach(), out.loss_terms["kd"].detach(), grads
 
     loss_a, kd_a, grads_a = run(False)
+    assert kinds == ["reference"] * 2
     loss_b, kd_b, grads_b = run(True)
+    assert kinds[2:] == ["compact"] * 2
     assert kd_a > 0
     torch.testing.assert_close(loss_b, loss_a, **F64)
     torch.testing.assert_close(kd_b, kd_a, **F64)

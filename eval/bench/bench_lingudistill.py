@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,8 +25,9 @@ import time
 import torch
 
 
-def build(args, device, dtype):
-    """(student LLaVA, teacher Llama, batch) with `image_tokens` = seq / 2 placeholder tokens per sample."""
+def build(args, device, dtype, with_teacher: bool = True):
+    """(student LLaVA, teacher Llama or None, batch, image tokens per sample): half of each sequence is image
+    placeholder tokens."""
     from transformers import (CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                               LlavaForConditionalGeneration)
 
@@ -37,7 +37,7 @@ def build(args, device, dtype):
                 num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                 max_position_embeddings=4 * args.seq, tie_word_embeddings=False)
     torch.manual_seed(0)
-    teacher = LlamaForCausalLM(LlamaConfig(**text)).to(device, dtype)
+    teacher = LlamaForCausalLM(LlamaConfig(**text)).to(device, dtype) if with_teacher else None
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                               image_size=8 * side, patch_size=8)
     cfg = LlavaConfig(text_config=LlamaConfig(**{**text, "vocab_size": args.vocab + 1}).to_dict(),
@@ -126,18 +126,26 @@ def stash_bytes(args, image_tokens: int, dtype) -> dict:
     return {"one_layer": one_layer, "all_layers": one_layer * args.layers}
 
 
-def peak_rss_of_arm(arm: str, argv: list[str]) -> int:
-    """Peak resident set (bytes) of a fresh process that builds the models and runs two steps of `arm`."""
+def peak_rss_of_arm(arm: str, argv: list[str]) -> dict:
+    """Resident memory of a fresh process that builds the models of `arm` and runs three steps: before the
+    last step, and the peak during it (bytes)."""
     cmd = [sys.executable, "-m", "vlmdistill.eval.bench.bench_lingudistill", *argv, "--memory-arm", arm]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return int(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def memory_arm(args, arm: str) -> int:
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_arm(args, arm: str) -> dict:
     device, dtype = torch.device("cpu"), getattr(torch, args.dtype)
-    student, teacher, batch, _ = build(args, device, dtype)
+    student, teacher, batch, _ = build(args, device, dtype, with_teacher=arm != "plain")
     if arm == "plain":
-        del teacher  # plain fine-tuning has no teacher in memory
         model = student
     else:
         import vlmdistill
@@ -146,9 +154,13 @@ def memory_arm(args, arm: str) -> int:
                                 trust_vocab_prefix=True)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     num_items = int((batch["labels"][:, 1:] != -100).sum())
-    for _ in range(2):
+    for _ in range(2):  # optimizer state and allocator caches settle
         step(model, optimizer, batch, num_items)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:  # resets the peak resident set (VmHWM) of this process
+        fh.write("5")
+    step(model, optimizer, batch, num_items)
+    return {"before": before * 1024, "peak": _proc_status_kib("VmHWM") * 1024}
 
 
 def report(result: dict, args, out_dir: str | None) -> str:
@@ -168,9 +180,14 @@ def report(result: dict, args, out_dir: str | None) -> str:
             lines.append(f"- step peak above resident, {name}: {peak * mb:.1f} MiB ({(peak - plain) * mb:+.1f} MiB)")
     if result.get("rss"):
         rss = result["rss"]
-        lines.append(f"- peak RSS: plain {rss['plain'] * mb:.0f} MiB, lingudistill text-only "
-                     f"{rss['text_only'] * mb:.0f} MiB (overhead {(rss['text_only'] - rss['plain']) * mb:+.0f} MiB "
-                     f"vs teacher + all-layer stash {(result['teacher_bytes'] + result['stash_bytes']['all_layers']) * mb:.0f} MiB)")
+        lines.append("- resident memory (one process per arm; before the measured step / peak during it / "
+                     "peak minus the plain arm's peak):")
+        for arm in rss:
+            lines.append(f"  - {arm}: {rss[arm]['before'] * mb:.0f} / {rss[arm]['peak'] * mb:.0f} MiB / "
+                         f"{(rss[arm]['peak'] - rss['plain']['peak']) * mb:+.0f} MiB")
+        lines.append(f"  - expected overhead: teacher weights {result['teacher_bytes'] * mb:.1f} MiB + one layer's "
+                     f"shared K/V {result['stash_bytes']['one_layer'] * mb:.2f} MiB (all layers when copied: "
+                     f"{result['stash_bytes']['all_layers'] * mb:.2f} MiB)")
     text = "\n".join(lines)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -201,14 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_arm:
-        print(memory_arm(args, args.memory_arm))
+        print(json.dumps(memory_arm(args, args.memory_arm)))
         return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = time_arms(args, device, getattr(torch, args.dtype))
     result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({args.threads} threads)"
     if device.type == "cpu" and not args.no_memory:
         child = [a for a in argv if a != "--no-memory"]
-        result["rss"] = {arm: peak_rss_of_arm(arm, child) for arm in ("plain", "text_only")}
+        result["rss"] = {arm: peak_rss_of_arm(arm, child) for arm in ("plain", "text_only", "full_length")}
     print(report(result, args, args.out))
     return 0
 

@@ -38,29 +38,46 @@ class ForwardState:
     role: str = "student"
     #: the student's RoPE positions as its rotary embedding saw them ([B, T] or [axes, B, T])
     positions: torch.Tensor | None = None
-    #: layer index -> (K, V) `[Bk, Hkv, Ts, D]` at the shared positions of the distilled samples
-    stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    #: the student's autograd graph keeps each layer's K/V anyway (no gradient checkpointing)
+    reference_ok: bool = False
+    #: layer index -> (K, V, compact): `[Bk, Hkv, Ts, D]` at the shared positions of the distilled samples
+    #: (compact), or the layer's whole K/V `[B, Hkv, T, D]` held by reference and gathered when the teacher
+    #: reaches that layer
+    stash: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = dataclasses.field(default_factory=dict)
     #: the teacher decoder's final hidden states `[Bk, Tq, H]`
     teacher_hidden: torch.Tensor | None = None
 
-    def capture(self, layer: int, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def capture(self, layer: int, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                saved_by_attention: bool) -> None:
+        """Keep layer `layer`'s K/V for the teacher. When the attention saves these very tensors for its backward
+        (`saved_by_attention`), a reference costs no memory; otherwise only the shared positions are copied."""
         if layer in self.stash:
             return
         layout = self.layout
         if not self.stash and layout.segments is not None:
             check_documents_masked(mask, layout)
-        index = layout.shared_index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
-        picked = []
-        for tensor in (key, value):
-            tensor = tensor.detach() if self.detach else tensor
-            picked.append(tensor[layout.rows].gather(2, index))
-        self.stash[layer] = (picked[0], picked[1])
+        tracked = key.requires_grad and torch.is_grad_enabled()  # else autograd saves nothing of this layer
+        key, value = (key.detach(), value.detach()) if self.detach else (key, value)
+        if saved_by_attention and self.reference_ok and tracked:
+            self.stash[layer] = (key, value, False)
+        else:
+            self.stash[layer] = (*self._gather(key, value), True)
 
-    def teacher_attention(self, module, query, key, value, scaling) -> torch.Tensor:
-        layer = module.layer_idx
+    def _gather(self, key: torch.Tensor, value: torch.Tensor):
+        layout = self.layout
+        index = layout.shared_index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
+        if layout.rows.numel() != key.shape[0]:
+            key, value = key[layout.rows], value[layout.rows]
+        return key.gather(2, index), value.gather(2, index)
+
+    def shared_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.stash:
             raise RuntimeError(f"lingudistill: no student K/V captured for layer {layer}")
-        k_shared, v_shared = (t.to(device=query.device, dtype=query.dtype) for t in self.stash[layer])
+        key, value, compact = self.stash[layer]
+        return (key, value) if compact else self._gather(key, value)
+
+    def teacher_attention(self, module, query, key, value, scaling) -> torch.Tensor:
+        k_shared, v_shared = (t.to(device=query.device, dtype=query.dtype) for t in self.shared_kv(module.layer_idx))
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         layout = self.layout
         if self.full_length:
@@ -135,7 +152,9 @@ class AttentionRouter:
                 if state.role == "teacher":
                     return state.teacher_attention(module, query, key, value, kwargs.get("scaling")), None
                 if state.role == "student":
-                    state.capture(module.layer_idx, key, value, attention_mask)
+                    # transformers' SDPA runs GQA unexpanded when there is no mask: it saves these K/V itself
+                    state.capture(module.layer_idx, key, value, attention_mask,
+                                  saved_by_attention=impl == "sdpa" and attention_mask is None)
             return _original_function(impl, module)(module, query, key, value, attention_mask, **kwargs)
 
         return attention

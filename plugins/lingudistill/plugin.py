@@ -217,7 +217,11 @@ class LinguDistillPlugin(DistillationPlugin):
             full = cfg.teacher_pass == "full_length"
             layout = build_layout(shared=self._shared_positions(unreadable, labels, valid, segments),
                                   distilled=distilled, valid=valid, segments=segments, full_length=full)
-            state = ForwardState(layout=layout, detach=cfg.detach_shared_kv, full_length=full, kernel=cfg.kernel)
+            decoder = self._student_decoder
+            checkpointing = decoder.training and any(
+                getattr(m, "gradient_checkpointing", False) for m in (decoder, *decoder.layers))
+            state = ForwardState(layout=layout, detach=cfg.detach_shared_kv, full_length=full, kernel=cfg.kernel,
+                                 reference_ok=not checkpointing)
         return BatchPlan(kd_mask=kd_mask, unreadable=unreadable, distilled=distilled, state=state)
 
     def _student_forward(self, student: nn.Module, inputs: dict[str, Any], state: ForwardState | None):
