@@ -175,3 +175,14 @@ def test_tokenizer_identity_ignores_call_time_truncation(tokenizer):
     before = tokenizer_identity(tokenizer)
     tokenizer("a photo of the digit one.", truncation=True, max_length=5)
     assert tokenizer_identity(tokenizer) == before
+
+
+def test_training_preprocessing_is_the_elevater_harness_preprocessing():
+    """What the student trains on is, pixel for pixel, what the zero-shot harness shows it."""
+    from PIL import Image
+
+    from vlmdistill.eval.elevater.protocol import elevater_transform
+    from vlmdistill.plugins.dcclip.data import OPENAI_MEAN, OPENAI_STD
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 12, 3), dtype=np.uint8))
+    assert torch.equal(ClipImageTransform(16)(image), elevater_transform(16, OPENAI_MEAN, OPENAI_STD)(image))

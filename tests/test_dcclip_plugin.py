@@ -177,8 +177,9 @@ def test_export_hf_student_is_plain_transformers_without_adapters(tmp_path):
 def test_export_open_clip_student_loads_with_open_clip_alone(tmp_path):
     import open_clip
 
-    student, name = tiny_open_clip("vit", width=32, layers=1, seed=1)
-    teacher, _ = tiny_open_clip("vit", width=48, layers=1, patch=4, seed=2)
+    # the real CLIP BPE vocabulary size, so that open_clip's own tokenizer can drive the exported model
+    student, name = tiny_open_clip("vit", width=32, layers=1, seed=1, vocab=49408)
+    teacher, _ = tiny_open_clip("vit", width=48, layers=1, patch=4, seed=2, vocab=49408)
     wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, open_clip_config=name)
     wrapped(**_open_clip_batch()).loss.backward()
     wrapped.save_pretrained(str(tmp_path / "ckpt"))
@@ -188,3 +189,8 @@ def test_export_open_clip_student_loads_with_open_clip_alone(tmp_path):
     student.eval()
     with torch.no_grad():
         torch.testing.assert_close(model.eval().encode_image(images), student.encode_image(images))
+    # ...and the zero-shot harness reads the folder as it is
+    from vlmdistill.eval.elevater.adapters import load_model
+
+    adapter = load_model(str(tmp_path / "ckpt"))
+    assert adapter.kind == "open_clip" and adapter.encode_texts(["a photo of a seven"]).shape == (1, 16)
