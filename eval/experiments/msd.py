@@ -6,7 +6,8 @@ templates, for the same number of optimizer steps in each run:
 * `clip-b`         plain CLIP loss, batch b;
 * `clip-Mb`        plain CLIP loss, batch M·b (the large-batch target);
 * `clip-b-accum`   plain CLIP loss, b × M naive gradient accumulation (each micro-batch sees only b negatives);
-* `msd-b-accum`    `plugin="msd"`, b × M through `msd_step` (each micro-batch sees M·b teacher keys + queue).
+* `msd-b-accum`    `plugin="msd"`, b × M through `msd_step` (each micro-batch sees M·b teacher keys + queue);
+* `msd-b-accum-k0` the same without the queue (the captions repeat: queued keys include exact duplicates).
 
 Reported per run: zero-shot accuracy on the held-out digits through the ELEVATER harness (its `digits`
 task and prompts), a k-shot linear probe on frozen image embeddings (macro ROC-AUC and accuracy), peak
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-RUN_KINDS = ("clip-b", "clip-Mb", "clip-b-accum", "msd-b-accum")
+RUN_KINDS = ("clip-b", "clip-Mb", "clip-b-accum", "msd-b-accum", "msd-b-accum-k0")
 
 
 @dataclasses.dataclass
@@ -43,8 +44,10 @@ class Settings:
     width: int = 64
     layers: int = 2
     alpha: float = 0.4
-    momentum: float = 0.99
+    momentum: float = 0.9          # a 10-step time constant for a 300-step run (ALBEF's 0.995 is for long runs)
     queue_size: int = 256          # 2 macro-batches, ~19% of the 1,348 training pairs
+    image_size: int = 16           # the digits are 8x8: 16 px with 4 px patches keeps 16 patches
+    patch_size: int = 4
     threads: int = 1
 
 
@@ -61,6 +64,18 @@ def _status_kib(field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _release_free_memory() -> None:
+    """Give freed heap back to the OS (glibc), so that the RSS before training is what is live."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_peak_rss() -> bool:
@@ -107,7 +122,7 @@ class SavedActivationPeak:
 
 
 # ----------------------------------------------------------------------------- data
-def prepare_data(out_dir: str, seed: int = 0) -> dict[str, Any]:
+def prepare_data(out_dir: str, image_size: int, seed: int = 0) -> dict[str, Any]:
     """Quantised digits (as the PNGs the harness reads), the test set written in IRIS layout."""
     from PIL import Image
 
@@ -115,9 +130,9 @@ def prepare_data(out_dir: str, seed: int = 0) -> dict[str, Any]:
     from vlmdistill.eval.elevater.dataset_writers import write_iris
     from vlmdistill.plugins.msd.digit_captions import digit_caption_split
 
-    train, train_labels, test, test_labels = digit_caption_split(seed=seed)
+    train, train_labels, test, test_labels = digit_caption_split(size=image_size, seed=seed)
     train, test = (train * 255).round() / 255, (test * 255).round() / 255
-    folder = os.path.join(out_dir, "data", "digits")
+    folder = os.path.join(out_dir, "data", f"digits-{image_size}px")
     index = os.path.join(folder, "test.txt")
     if not os.path.isfile(index):
         images = [Image.fromarray((x * 255).round().byte().permute(1, 2, 0).numpy()) for x in test]
@@ -151,25 +166,31 @@ def train_run(kind: str, settings: Settings, data: dict, tokenizer, seed: int) -
     from vlmdistill.plugins.msd.digit_captions import DigitCaptions, tiny_clip
 
     s = settings
-    model = tiny_clip(len(tokenizer), tokenizer.eos_token_id, width=s.width, layers=s.layers, seed=seed)
+    model = tiny_clip(len(tokenizer), tokenizer.eos_token_id, width=s.width, layers=s.layers, seed=seed,
+                      image_size=s.image_size, patch_size=s.patch_size)
     dataset = DigitCaptions(data["train"], data["train_labels"], tokenizer, seed=seed)
     macro = s.micro_batch if kind == "clip-b" else s.micro_batch * s.accumulation
     batches = _batches(dataset, macro, seed)
     trained = model
-    if kind == "msd-b-accum":
+    msd = kind.startswith("msd")
+    if msd:
         model = vlmdistill.wrap(model, plugin="msd", alpha=s.alpha, alpha_warmup_steps=max(1, s.steps // 5),
-                                momentum=s.momentum, queue_size=s.queue_size, micro_batch_size=s.micro_batch)
+                                momentum=s.momentum, queue_size=0 if kind.endswith("k0") else s.queue_size,
+                                micro_batch_size=s.micro_batch)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr, weight_decay=0.1)
     scheduler = _schedule(optimizer, s.steps, s.warmup_steps)
     saved = SavedActivationPeak(model)
+    _warm_up(model, kind, DigitCaptions(data["train"], data["train_labels"], tokenizer, seed=10_000 + seed), macro,
+             s.micro_batch)
+    _release_free_memory()
     rss_before = _status_kib("VmRSS")
     peak_reset = _reset_peak_rss()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     losses = []
     for _ in range(s.steps):
         batch = next(batches)
-        if kind == "msd-b-accum":
+        if msd:
             losses.append(msd_step(model, optimizer, batch, s.micro_batch, scheduler=scheduler))
             continue
         micro = [batch] if kind in ("clip-b", "clip-Mb") else _split(batch, s.micro_batch)
@@ -182,15 +203,31 @@ def train_run(kind: str, settings: Settings, data: dict, tokenizer, seed: int) -
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     peak_kib = _status_kib("VmHWM")
     saved.remove()
-    if kind == "msd-b-accum":
+    if msd:
         trained = vlmdistill.unwrap(model)
     trained.eval()
-    return {"model": trained, "losses": losses, "train_seconds": seconds,
+    return {"model": trained, "losses": losses, "train_seconds": seconds, "train_cpu_seconds": cpu_seconds,
             "peak_rss_mb": (peak_kib - rss_before) / 1024 if peak_reset and peak_kib and rss_before else None,
             "saved_activations_mb": saved.peak / 2**20}
+
+
+def _warm_up(model, kind: str, warm_data, macro: int, micro_batch: int) -> None:
+    """One forward/backward of each micro-batch shape, no optimizer step, before memory is measured: lazy
+    initialisation is then part of the baseline for every run alike. Its own data copy keeps the training
+    captions' random draws untouched."""
+    batch = warm_data.collate([warm_data[i] for i in range(macro)])
+    micro = [batch] if kind in ("clip-b", "clip-Mb") else _split(batch, micro_batch)
+    if kind.startswith("msd"):
+        model.plugin.on_accumulation_window(micro)   # replaced by the first real window
+        for part in micro:
+            model(**part).loss.backward()
+    else:
+        for part in micro:
+            model(**part, return_loss=True).loss.backward()
+    model.zero_grad(set_to_none=True)
 
 
 def _split(batch: dict, size: int) -> list[dict]:
@@ -234,13 +271,14 @@ def run_one(kind: str, settings: dict, seed: int, out_dir: str) -> dict[str, Any
 
     s = Settings(**settings)
     torch.set_num_threads(s.threads)
-    data = prepare_data(out_dir)
+    data = prepare_data(out_dir, s.image_size)
     tokenizer = caption_tokenizer()
     result = train_run(kind, s, data, tokenizer, seed)
     metrics = evaluate(result["model"], tokenizer, data, s.shots, seed)
     losses = result["losses"]
     return {"run": kind, "seed": seed, **metrics, "peak_rss_mb": result["peak_rss_mb"],
             "saved_activations_mb": result["saved_activations_mb"], "train_seconds": result["train_seconds"],
+            "train_cpu_seconds": result["train_cpu_seconds"],
             "first_loss": losses[0], "last_loss": statistics.fmean(losses[-10:])}
 
 
@@ -287,7 +325,7 @@ def run_in_processes(jobs: list[tuple[str, int]], settings: Settings, out_dir: s
 # ----------------------------------------------------------------------------- report
 METRICS = (("zero_shot_acc", "zero-shot acc", 100), ("probe_auc", "probe AUC", 100), ("probe_acc", "probe acc", 100),
            ("peak_rss_mb", "peak RSS MB", 1), ("saved_activations_mb", "saved act. MB", 1),
-           ("train_seconds", "train s", 1))
+           ("train_seconds", "train s", 1), ("train_cpu_seconds", "train CPU s", 1))
 
 
 def summarise(results: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -307,7 +345,8 @@ def summarise(results: list[dict]) -> dict[str, dict[str, tuple[float, float]]]:
 def markdown_table(summary: dict, settings: Settings, seeds: list[int]) -> str:
     b, m = settings.micro_batch, settings.accumulation
     labels = {"clip-b": f"CLIP, batch {b}", "clip-Mb": f"CLIP, batch {b * m}",
-              "clip-b-accum": f"CLIP, {b} x {m} accumulation", "msd-b-accum": f"MSD, {b} x {m} accumulation"}
+              "clip-b-accum": f"CLIP, {b} x {m} accumulation", "msd-b-accum": f"MSD, {b} x {m} accumulation",
+              "msd-b-accum-k0": f"MSD, {b} x {m} accumulation, no queue"}
     head = "| run | " + " | ".join(name for _, name, _ in METRICS) + " |"
     lines = [head, "|" + "---|" * (len(METRICS) + 1)]
     for kind, values in summary.items():
@@ -326,15 +365,16 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, workers: int = 2
         kinds: tuple[str, ...] = RUN_KINDS, **overrides) -> dict:
     settings = Settings(**{**(QUICK if quick else {}), **overrides})
     os.makedirs(output_dir, exist_ok=True)
-    prepare_data(output_dir)   # write the test set once, before the workers read it
-    started = time.perf_counter()
+    prepare_data(output_dir, settings.image_size)   # write the test set once, before the workers read it
+    started, load_before = time.perf_counter(), os.getloadavg()
     jobs = [(kind, seed) for seed in seeds for kind in kinds]
     results = sorted(run_in_processes(jobs, settings, output_dir, workers),
                      key=lambda r: (RUN_KINDS.index(r["run"]), r["seed"]))
     summary = summarise(results)
     report = {"settings": dataclasses.asdict(settings), "seeds": seeds, "quick": quick, "runs": results,
               "summary": {k: {m: list(v) for m, v in d.items()} for k, d in summary.items()},
-              "wall_seconds": time.perf_counter() - started, "workers": workers,
+              "wall_seconds": time.perf_counter() - started, "workers": workers, "cpu_count": os.cpu_count(),
+              "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "torch_threads_per_run": settings.threads}
     with open(os.path.join(output_dir, "msd_results.json"), "w") as fh:
         json.dump(report, fh, indent=2)
@@ -343,9 +383,12 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, workers: int = 2
         fh.write(f"# MSD demo: digits with captions, {settings.steps} optimizer steps per run\n\n"
                  f"Seeds {seeds}; mean ± std over seeds. Zero-shot: ELEVATER harness, `digits` task. "
                  f"Probe: {settings.shots}-shot logistic regression on frozen image embeddings.\n\n{table}\n\n"
-                 f"Wall time {report['wall_seconds']:.0f} s ({workers} processes x {settings.threads} thread).\n")
+                 f"Wall time {report['wall_seconds']:.0f} s ({workers} processes x {settings.threads} thread, "
+                 f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} before / {os.getloadavg()[0]:.1f} "
+                 f"after).\n")
     print(table)
-    print(f"wall time {report['wall_seconds']:.0f} s; results in {output_dir}/msd_results.{{json,md}}")
+    print(f"wall time {report['wall_seconds']:.0f} s (load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}); "
+          f"results in {output_dir}/msd_results.{{json,md}}")
     return report
 
 

@@ -60,7 +60,9 @@ def normalise_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 class DigitCaptions(torch.utils.data.Dataset):
-    """(pixel_values, caption) pairs; the caption template is drawn afresh at every access (seeded)."""
+    """(pixel_values, input_ids) pairs; the caption template is drawn afresh at every access (seeded).
+
+    Items hold only model inputs, so the Trainer's column pruning keeps them; `collate` pads."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, tokenizer, seed: int = 0) -> None:
         self.pixels = normalise_pixels(images)
@@ -75,12 +77,18 @@ class DigitCaptions(torch.utils.data.Dataset):
         return digit_caption(int(self.labels[index]), "en", self.rng.randrange(len(CAPTION_TEMPLATES_EN)))
 
     def __getitem__(self, index: int) -> dict:
-        return {"pixel_values": self.pixels[index], "caption": self.caption(index)}
+        ids = self.tokenizer(self.caption(index))["input_ids"]
+        return {"pixel_values": self.pixels[index], "input_ids": torch.tensor(ids, dtype=torch.long)}
 
     def collate(self, items: list[dict]) -> dict:
-        tokens = self.tokenizer([it["caption"] for it in items], padding=True, return_tensors="pt")
-        return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
-                "input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        longest = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), longest), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(items), longest), dtype=torch.long)
+        for row, item in enumerate(items):
+            ids[row, :len(item["input_ids"])] = item["input_ids"]
+            mask[row, :len(item["input_ids"])] = 1
+        return {"pixel_values": torch.stack([it["pixel_values"] for it in items]), "input_ids": ids,
+                "attention_mask": mask}
 
 
 def digit_caption_split(size: int = 32, seed: int = 0):

@@ -11,6 +11,7 @@ Per optimizer step (one accumulation window of M micro-batches, B rows over all 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -54,6 +55,7 @@ class MSDPlugin(DistillationPlugin):
         object.__setattr__(self, "_student", None)
         self._window: AccumulationWindow | None = None
         self._teacher_synced = False
+        self._warned_queue_multiple = False
         self._student_reader: EmbeddingReader | None = None
         self._teacher_reader: EmbeddingReader | None = None
 
@@ -134,8 +136,20 @@ class MSDPlugin(DistillationPlugin):
         self._follow_student_device()
         if gather:
             self._sync_teacher_across_processes()
-        return AccumulationWindow.build(batches, self._teacher_keys, self.config.micro_batch_size, gather=gather,
-                                        implicit=implicit)
+        window = AccumulationWindow.build(batches, self._teacher_keys, self.config.micro_batch_size, gather=gather,
+                                          implicit=implicit)
+        if gather:
+            self._check_queue_multiple(window.total)
+        return window
+
+    def _check_queue_multiple(self, macro_batch: int) -> None:
+        size = self.config.queue_size
+        if size and size % macro_batch and not self._warned_queue_multiple:
+            # Still correct (the queue wraps key by key), but the last window of an epoch or a ragged batch
+            # leaves the queue holding parts of macro-batches; ALBEF requires a multiple.
+            warnings.warn(f"msd: queue_size {size} is not a multiple of the macro-batch ({macro_batch} rows over all "
+                          "processes); use a multiple (and dataloader_drop_last=True)", stacklevel=3)
+            self._warned_queue_multiple = True
 
     # ------------------------------------------------------------- windows
     def on_accumulation_window(self, batches: list[dict[str, Any]]) -> None:
