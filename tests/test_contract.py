@@ -239,7 +239,9 @@ class _Examples(torch.utils.data.Dataset):
 
 
 def _trainer(case, wrapped, tmp_path, **args):
+    # A constant schedule: an interrupted run with a smaller max_steps must follow the same learning rates.
     defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, learning_rate=1e-3,
+                    lr_scheduler_type="constant",
                     report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True,
                     dataloader_num_workers=0, seed=0)
     defaults.update(args)

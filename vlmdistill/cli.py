@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _plugin_commands()
+    if argv and argv[0] in commands:
+        # Plugin commands parse their own arguments (including --help).
+        try:
+            return int(_resolve(commands[argv[0]])(argv[1:]) or 0)
+        except VLMDistillError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

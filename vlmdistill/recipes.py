@@ -36,7 +36,9 @@ def register_model_builder(name: str):
 
 
 def register_data_builder(name: str):
-    """Register `fn(student, teacher, **kwargs) -> (train_dataset, data_collator)` for `data: {builder: name}`."""
+    """Register `fn(student, teacher, **kwargs)` for `data: {builder: name}`. It returns
+    `(train_dataset, data_collator)` or `(train_dataset, data_collator, wrap_kwargs)`, where `wrap_kwargs`
+    are runtime arguments for the plugin (tokenizers, data fingerprints) passed on to `wrap()`."""
     def deco(fn):
         _DATA_BUILDERS[name] = fn
         return fn
@@ -181,9 +183,9 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
         teacher = build_model(recipe.teacher, role="teacher")
     else:
         teacher = recipe.teacher
-    wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config)
-    train_dataset, collator = _lookup(_DATA_BUILDERS, recipe.data.builder, "data builder")(
-        student, wrapped.teacher, **recipe.data.kwargs)
+    built = _lookup(_DATA_BUILDERS, recipe.data.builder, "data builder")(student, teacher, **recipe.data.kwargs)
+    train_dataset, collator, wrap_kwargs = (*built, {}) if len(built) == 2 else built
+    wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config, **wrap_kwargs)
     args = training_arguments(recipe)
     checkpoint = None
     if recipe.resume:
