@@ -44,7 +44,8 @@ def build_image_text(student, teacher, shards: str, tokenizer: str, image_size: 
                      shuffle_buffer: int = 1000, shardshuffle: int = 4, seed: int = 0, on_error: str = "skip",
                      augment: str = "none", augmentation_seeds: int = 1,
                      mean: Optional[list[float]] = None, std: Optional[list[float]] = None):
-    """(dataset, collator) over image–text shards, in the student's own input names."""
+    """(dataset, collator, wrap kwargs) over image–text shards, in the student's own input names; the wrap
+    kwargs give the plugin the tokenizer (for both towers) and the data fingerprint its cache checks."""
     from .data import OPENAI_MEAN, OPENAI_STD, ClipImageTransform, ImageTextCollator, ImageTextShards
     from .families import describe_model
 
@@ -54,7 +55,8 @@ def build_image_text(student, teacher, shards: str, tokenizer: str, image_size: 
     dataset = ImageTextShards(shards, transform, tok, style=style, max_length=max_length,
                               shuffle_buffer=shuffle_buffer, shardshuffle=shardshuffle, seed=seed, on_error=on_error,
                               augmentation_seeds=augmentation_seeds)
-    return dataset, ImageTextCollator(tok.pad_token_id, style=style)
+    runtime = {"student_tokenizer": tok, "teacher_tokenizer": tok, "data_fingerprint": dataset.fingerprint()}
+    return dataset, ImageTextCollator(tok.pad_token_id, style=style), runtime
 
 
 def cache_teacher_main(argv: list[str] | None = None) -> int:
@@ -88,11 +90,8 @@ def cache_teacher_main(argv: list[str] | None = None) -> int:
     torch.manual_seed(recipe.seed)
     student = build_model(recipe.student, role="student")
     teacher = build_model(recipe.teacher, role="teacher")
-    dataset, collator = _lookup(_DATA_BUILDERS, recipe.data.builder, "data builder")(student, teacher,
-                                                                                    **recipe.data.kwargs)
-    runtime: dict[str, Any] = {}
-    if hasattr(dataset, "fingerprint"):
-        runtime["data_fingerprint"] = dataset.fingerprint()
+    built = _lookup(_DATA_BUILDERS, recipe.data.builder, "data builder")(student, teacher, **recipe.data.kwargs)
+    dataset, collator, runtime = (*built, {}) if len(built) == 2 else built
     wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, config=config, **runtime)
 
     def passes():
