@@ -57,12 +57,27 @@ def _train(model, blocks, *, steps: int, batch: int, lr: float, seed: int, out: 
     return trainer.state.log_history
 
 
-def run(output_dir: str, seeds: list[int], quick: bool = False) -> dict:
+def _teacher(vocab: int, blocks: torch.Tensor, scale: dict, output_dir: str):
+    """Train the teacher, or load the one a previous run with the same settings saved."""
+    from transformers import LlamaForCausalLM
+
+    path = os.path.join(output_dir, f"teacher-{scale['teacher_steps']}x{scale['teacher_batch']}-v{vocab}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        print(f"reusing the teacher saved in {path}")
+        return LlamaForCausalLM.from_pretrained(path)
+    teacher = _llama(vocab, layers=4, hidden=128, heads=4, seed=1234)
+    _train(teacher, blocks, steps=scale["teacher_steps"], batch=scale["teacher_batch"], lr=3e-3, seed=1234,
+           out=os.path.join(output_dir, "teacher-run"))
+    teacher.save_pretrained(path)
+    return teacher
+
+
+def run(output_dir: str, seeds: list[int], alphas: list[float], quick: bool = False) -> dict:
     import vlmdistill
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    scale = dict(teacher_steps=40, student_steps=30, subset=64, held=32) if quick else \
-        dict(teacher_steps=300, student_steps=150, subset=256, held=192)
+    scale = dict(teacher_steps=40, teacher_batch=16, student_steps=30, subset=64, held=32) if quick else \
+        dict(teacher_steps=500, teacher_batch=32, student_steps=150, subset=256, held=192)
     t0 = time.time()
     train_texts, held_texts = split_by_module(stdlib_docstrings())
     tokenizer = train_tokenizer(train_texts, vocab_size=1024)
@@ -73,9 +88,7 @@ def run(output_dir: str, seeds: list[int], quick: bool = False) -> dict:
     print(f"corpus: {train_blocks.shape[0]} training blocks, {held_blocks.shape[0]} held-out blocks of {block} "
           f"tokens, vocabulary {vocab}")
 
-    teacher = _llama(vocab, layers=4, hidden=128, heads=4, seed=1234)
-    _train(teacher, train_blocks, steps=scale["teacher_steps"], batch=16, lr=3e-3, seed=1234,
-           out=os.path.join(output_dir, "teacher-run"))
+    teacher = _teacher(vocab, train_blocks, scale, output_dir)
     teacher_scores = language_scores(teacher, held_blocks)
     print(f"teacher ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M params): {teacher_scores}")
 
@@ -83,30 +96,31 @@ def run(output_dir: str, seeds: list[int], quick: bool = False) -> dict:
     for seed in seeds:
         g = torch.Generator().manual_seed(seed)
         subset = train_blocks[torch.randperm(train_blocks.shape[0], generator=g)[: scale["subset"]]]
-        for arm in ("plain", "kd"):
+        for arm in ["plain", *[f"kd α={a}" for a in alphas]]:
             student = _llama(vocab, layers=2, hidden=64, heads=4, seed=seed)
             model, callbacks = student, ()
-            if arm == "kd":
-                model = vlmdistill.wrap(student, plugin="kd", teacher=teacher, alpha=0.5, temperature=1.0)
+            if arm != "plain":
+                alpha = float(arm.split("=")[1])
+                model = vlmdistill.wrap(student, plugin="kd", teacher=teacher, alpha=alpha, temperature=1.0)
                 callbacks = (vlmdistill.DistillationCallback(),)
             _train(model, subset, steps=scale["student_steps"], batch=16, lr=3e-3, seed=seed,
-                   out=os.path.join(output_dir, f"student-{arm}-{seed}"), callbacks=callbacks)
-            if arm == "kd":
+                   out=os.path.join(output_dir, "student-run"), callbacks=callbacks)
+            if arm != "plain":
                 student = vlmdistill.unwrap(model)
             scores = language_scores(student, held_blocks)
             rows.append({"seed": seed, "arm": arm, **scores})
-            print(f"seed {seed} {arm:5s}: perplexity {scores['perplexity']:.2f}  "
+            print(f"seed {seed} {arm:9s}: perplexity {scores['perplexity']:.2f}  "
                   f"next-token accuracy {scores['next_token_accuracy']:.4f}")
 
     summary = {}
-    for arm in ("plain", "kd"):
+    for arm in dict.fromkeys(r["arm"] for r in rows):
         sel = [r for r in rows if r["arm"] == arm]
         ppl = torch.tensor([r["perplexity"] for r in sel])
         acc = torch.tensor([r["next_token_accuracy"] for r in sel])
         summary[arm] = {"perplexity_mean": ppl.mean().item(), "perplexity_std": ppl.std().item() if len(sel) > 1
                         else 0.0, "accuracy_mean": acc.mean().item(),
                         "accuracy_std": acc.std().item() if len(sel) > 1 else 0.0}
-    result = {"setting": {**scale, "block": block, "vocab": vocab, "seeds": seeds, "alpha": 0.5, "temperature": 1.0,
+    result = {"setting": {**scale, "block": block, "vocab": vocab, "seeds": seeds, "alphas": alphas, "temperature": 1.0,
                           "teacher": "Llama 4x128", "student": "Llama 2x64"},
               "teacher": teacher_scores, "runs": rows, "summary": summary, "seconds": time.time() - t0}
     _write(output_dir, result)
@@ -121,7 +135,8 @@ def _write(output_dir: str, result: dict) -> None:
     lines = ["| model | held-out perplexity | next-token accuracy |", "|---|---|---|",
              f"| teacher (all training text) | {result['teacher']['perplexity']:.2f} | "
              f"{result['teacher']['next_token_accuracy']:.4f} |"]
-    for arm, label in (("plain", "student, plain CE"), ("kd", "student, kd (α=0.5)")):
+    for arm in s:
+        label = "student, plain CE" if arm == "plain" else f"student, {arm}"
         lines.append(f"| {label} | {s[arm]['perplexity_mean']:.2f} ± {s[arm]['perplexity_std']:.2f} | "
                      f"{s[arm]['accuracy_mean']:.4f} ± {s[arm]['accuracy_std']:.4f} |")
     lines.append(f"\nseeds {result['setting']['seeds']}, {result['seconds']:.0f} s")
@@ -135,9 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlmdistill demo kd", description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/demo-kd")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.9], help="one kd arm per α")
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     args = parser.parse_args(argv)
-    run(args.output_dir, args.seeds, args.quick)
+    run(args.output_dir, args.seeds, args.alphas, args.quick)
     return 0
 
 
