@@ -99,7 +99,7 @@ def _clip(args, seed: int = 0):
     config = CLIPConfig(
         text_config=dict(vocab_size=1000, hidden_size=args.width, intermediate_size=4 * args.width,
                          num_hidden_layers=args.layers, num_attention_heads=heads, max_position_embeddings=args.text_len,
-                         eos_token_id=999),
+                         eos_token_id=999, bos_token_id=0, pad_token_id=1),
         vision_config=dict(hidden_size=args.width, intermediate_size=4 * args.width, num_hidden_layers=args.layers,
                            num_attention_heads=heads, image_size=args.image, patch_size=args.patch),
         projection_dim=args.width)
