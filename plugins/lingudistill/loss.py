@@ -1,9 +1,6 @@
-"""Loss sums: per-token CE with per-sample weights, and the KD term over distilled rows only.
-
-The teacher's LM head runs chunk by chunk on the distilled rows, so teacher logits exist for one chunk at a
-time and never for unselected positions; `vlmdistill.losses.divergence_loss` fuses the gradient. When the
-shared K/V are not detached the KD gradient must also reach the teacher's logits, which `divergence_loss`
-(teacher side constant) does not do: that ablation uses the plain-autograd form.
+"""Loss sums in plain autograd, for the `detach_shared_kv=False` ablation, where the KD gradient must also
+reach the teacher's logits (and through them the student's shared K/V). The default path is `fused_loss.py`.
+The teacher's LM head still runs chunk by chunk, on the distilled rows only.
 """
 
 from __future__ import annotations
@@ -13,7 +10,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from vlmdistill.losses import divergence_loss, reference_divergence
+from vlmdistill.losses import reference_divergence
 
 
 def supervised(labels: torch.Tensor) -> torch.Tensor:
@@ -34,18 +31,14 @@ def task_ce_sums(logits: torch.Tensor, labels: torch.Tensor, row_weight: torch.T
 
 
 def kd_sum(student_rows: torch.Tensor, teacher_hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-           *, width: int, kind: str, temperature: float, jsd_beta: float, chunk_rows: int,
-           teacher_grad: bool) -> torch.Tensor:
-    """Σ over rows of τ²·D(teacher ‖ student) on the first `width` vocabulary entries (fp32 scalar)."""
-    total = torch.zeros((), dtype=torch.float32, device=student_rows.device)
+           *, width: int, kind: str, temperature: float, jsd_beta: float, chunk_rows: int) -> torch.Tensor:
+    """Σ over rows of τ²·D(teacher ‖ student) on the first `width` vocabulary entries, differentiable on both
+    sides."""
+    wide = torch.promote_types(student_rows.dtype, torch.float32)
+    total = torch.zeros((), dtype=wide, device=student_rows.device)
     for start in range(0, student_rows.shape[0], chunk_rows):
         s = student_rows[start:start + chunk_rows, :width]
         t = head(teacher_hidden[start:start + chunk_rows])[:, :width].to(s.device)
-        if teacher_grad:
-            wide = torch.promote_types(s.dtype, torch.float32)
-            rows = reference_divergence(s.to(wide), t.to(wide), kind=kind, temperature=temperature, jsd_beta=jsd_beta)
-            total = total + rows.sum()
-        else:
-            total = total + divergence_loss(s, t, kind=kind, temperature=temperature, jsd_beta=jsd_beta,
-                                            chunk_rows=chunk_rows)
+        rows = reference_divergence(s.to(wide), t.to(wide), kind=kind, temperature=temperature, jsd_beta=jsd_beta)
+        total = total + rows.sum()
     return total

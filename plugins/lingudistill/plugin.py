@@ -32,6 +32,7 @@ from .compat import (check_architectures, check_attention_features, check_attent
 from .config import LinguDistillConfig
 from .families import family_of, text_decoder, visual_token_ids
 from .layout import build_layout, distilled_rows, document_ids, prompt_mask
+from .fused_loss import task_and_distill_sums
 from .loss import kd_sum, task_ce_sums
 from .selection import sample_kd_mask
 from .teacher_lm import TeacherLM
@@ -180,20 +181,23 @@ class LinguDistillPlugin(DistillationPlugin):
         logits = s_out["logits"] if isinstance(s_out, dict) else s_out.logits
 
         # Distilled rows weigh CE by 1 - alpha; every other row (unselected samples, image-token rows) keeps CE.
-        row_weight = 1.0 - cfg.alpha * plan.distilled.to(torch.float32)
-        ce_sum, weighted_ce = task_ce_sums(logits, labels, row_weight)
+        row_weight = 1.0 - cfg.alpha * plan.distilled.to(logits.dtype)
         denom = self.normaliser(int((labels[:, 1:] != -100).sum()), num_items_in_batch)
-        terms = {"task": ce_sum / denom}
-        total = weighted_ce / denom
-        if plan.state is not None:
-            student_rows, teacher_hidden = self._paired_rows(plan, logits, inputs["input_ids"])
-            kd = kd_sum(student_rows, teacher_hidden, self._teacher_head, width=self.shared_width,
-                        kind=cfg.divergence, temperature=cfg.temperature, jsd_beta=cfg.jsd_beta,
-                        chunk_rows=cfg.chunk_rows, teacher_grad=not cfg.detach_shared_kv) / denom
-            terms["kd"] = kd
-            total = total + cfg.alpha * kd
-        else:
-            terms["kd"] = torch.zeros((), device=logits.device)
+        hidden = self._teacher_hidden(plan, inputs["input_ids"]) if plan.state is not None else None
+        if cfg.detach_shared_kv:
+            total, ce_sum, kd = task_and_distill_sums(
+                logits, labels, row_weight, plan.distilled, hidden, self._teacher_head, alpha=cfg.alpha,
+                width=self.shared_width, kind=cfg.divergence, temperature=cfg.temperature, jsd_beta=cfg.jsd_beta,
+                chunk_rows=cfg.chunk_rows)
+        else:  # the KD gradient also runs back through the teacher: plain autograd on both sides
+            ce_sum, total = task_ce_sums(logits, labels, row_weight)
+            kd = torch.zeros((), device=logits.device)
+            if hidden is not None:
+                b, t = plan.state.layout.distill_position
+                kd = kd_sum(logits[b, t], hidden, self._teacher_head, width=self.shared_width, kind=cfg.divergence,
+                            temperature=cfg.temperature, jsd_beta=cfg.jsd_beta, chunk_rows=cfg.chunk_rows)
+                total = total + cfg.alpha * kd
+        total, terms = total / denom, {"task": ce_sum / denom, "kd": kd / denom}
         return DistillationResult(output=s_out, loss=total, loss_terms=terms)
 
     def plan(self, inputs: dict[str, Any], extras: dict[str, Any]) -> BatchPlan:
@@ -240,15 +244,14 @@ class LinguDistillPlugin(DistillationPlugin):
             return unreadable | prompt_mask(labels, segments)
         return unreadable
 
-    def _paired_rows(self, plan: BatchPlan, logits: torch.Tensor, input_ids: torch.Tensor):
-        """Student logits and teacher final hidden states at the distilled rows, in the same order."""
+    def _teacher_hidden(self, plan: BatchPlan, input_ids: torch.Tensor) -> torch.Tensor:
+        """The teacher's final hidden states at the distilled rows `[N_distilled, H]`, in row-major order."""
         state = plan.state
         context = self.teacher_context() if self.config.detach_shared_kv else self._grad_teacher_context()
         with self.router.activate(state), context:
             hidden = self._teacher_lm.run(state, input_ids, plan.unreadable)
         r, slot = state.layout.distill_slot
-        b, t = state.layout.distill_position
-        return logits[b, t], hidden[r.to(hidden.device), slot.to(hidden.device)]
+        return hidden[r.to(hidden.device), slot.to(hidden.device)]
 
     def _teacher_head(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         grad = contextlib.nullcontext() if not self.config.detach_shared_kv else torch.no_grad()
@@ -267,10 +270,11 @@ class LinguDistillPlugin(DistillationPlugin):
             return {"student": empty, "teacher": empty, "rows": torch.zeros(0, 2, dtype=torch.long)}
         output = self._student_forward(student, inputs, plan.state)
         logits = output["logits"] if isinstance(output, dict) else output.logits
-        student_rows, hidden = self._paired_rows(plan, logits, inputs["input_ids"])
+        hidden = self._teacher_hidden(plan, inputs["input_ids"])
+        b, t = plan.state.layout.distill_position
         width = self.shared_width
-        return {"student": student_rows[:, :width], "teacher": self._teacher_head(hidden)[:, :width],
-                "rows": torch.stack(plan.state.layout.distill_position, 1)}
+        return {"student": logits[b, t, :width], "teacher": self._teacher_head(hidden)[:, :width],
+                "rows": torch.stack((b, t), 1)}
 
     @contextlib.contextmanager
     def _base_adapters_off(self):

@@ -155,9 +155,17 @@ def _contract_examples(n: int, seed: int) -> list[dict]:
     return out
 
 
+def _contract_student():
+    student = tiny_llava(seed=1)
+    # LLaVA reads the vision tower's hidden states before its final LayerNorm, so that LayerNorm never gets a
+    # gradient; DDP without find_unused_parameters would then skip the all-reduce of its whole bucket.
+    student.model.vision_tower.post_layernorm.requires_grad_(False)
+    return student
+
+
 def case() -> ContractCase:
     return ContractCase(
-        make_student=lambda: tiny_llava(seed=1),
+        make_student=_contract_student,
         make_teacher=lambda student: independent_teacher(student, seed=2),
         config={"alpha": 0.5, "temperature": 2.0,
                 "dataset_categories": {"coco": "captioning", "sciqa": "knowledge", "docvqa": "documents"}},
