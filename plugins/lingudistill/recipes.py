@@ -60,16 +60,19 @@ def toy_lm(parts: str = DEFAULT_PARTS, lm_steps: int = 400, vision_steps: int = 
 
 @register_data_builder("lingudistill-digits")
 def digits(student, teacher, parts: str = DEFAULT_PARTS, text_blocks: int = 256, seed: int = 0):
-    """Digit captions + digit questions on the training images, plus `text_blocks` docstring blocks."""
+    """Digit captions + digit questions on the training images, plus `text_blocks` docstring blocks; the
+    tokenizers go to wrap() so that the vocabulary prefix is checked token by token."""
     from vlmdistill.data.digits import load_digits_images
     from vlmdistill.data.text import pack_examples, split_by_module, stdlib_docstrings
 
     _, vision, tokenizer = prepare_parts(parts)
-    tasks = DigitTasks(student_tokenizer(tokenizer), image_tokens(vision))
+    s_tok = student_tokenizer(tokenizer)
+    tasks = DigitTasks(s_tok, image_tokens(vision))
     images, labels, _, _ = load_digits_images(size=16)
     text = None
     if text_blocks:
         train_texts, _ = split_by_module(stdlib_docstrings())
         blocks = pack_examples(train_texts, tokenizer, BLOCK)
         text = blocks[torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))[:text_blocks]]
-    return SampleDataset(tasks.mixture(images, labels, text, seed=seed)), collate_samples
+    runtime = {"student_tokenizer": s_tok, "teacher_tokenizer": tokenizer}
+    return SampleDataset(tasks.mixture(images, labels, text, seed=seed)), collate_samples, runtime
