@@ -22,6 +22,8 @@ import time
 import numpy as np
 import torch
 
+from vlmdistill.plugins.ccd.recognizer import DEFAULT_CHARSET
+
 SCALES = {
     # encoder, pretraining and fine-tuning sizes; "full" is sized for about 10 minutes on 2 CPU cores
     "full": dict(embed_dim=64, depth=4, heads=2, seg_blocks=[2, 3, 4], pretrain_images=3000, pretrain_steps=100,
@@ -152,6 +154,51 @@ def _probe(encoder, columns: torch.Tensor, words: list[str], eval_columns: torch
         return _scores(recogniser.greedy_decode(recogniser.classify(eval_columns)), eval_words)
 
 
+@torch.no_grad()
+def _character_features(encoder, images: np.ndarray, words: list[str], charset: str, batch: int = 64):
+    """Pooled final-token features of the k-means + connected-component character slots of each image, labelled
+    left to right from its word; only images whose slot count equals the word length are used."""
+    from vlmdistill.plugins.ccd.masks import character_slots, pool_characters, pseudo_text_masks, slot_token_weights
+    from vlmdistill.plugins.ccd.rendering import IMAGENET_MEAN, IMAGENET_STD, to_pixel_values
+
+    pixels = to_pixel_values(images)
+    unit = (pixels * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+    weights, present = slot_token_weights(character_slots(pseudo_text_masks(unit.clamp(0, 1))), (8, 32))
+    encoder.eval()
+    tokens = torch.cat([encoder(pixel_values=pixels[i:i + batch]).last_hidden_state
+                        for i in range(0, len(pixels), batch)])
+    pooled = pool_characters(tokens, weights)
+    feats, labels, used = [], [], 0
+    for i, word in enumerate(words):
+        k = int(present[i].sum())
+        if k == len(word):
+            feats.append(pooled[i, :k])
+            labels += [charset.index(c) for c in word]
+            used += 1
+    if not feats:
+        return pooled.new_zeros(0, pooled.shape[-1]), torch.zeros(0, dtype=torch.long), 0.0
+    return torch.cat(feats), torch.tensor(labels), used / len(words)
+
+
+def _character_probe(train: tuple, evaluation: tuple, classes: int, seed: int, steps: int = 500) -> float:
+    """Accuracy of a linear classifier from pooled character features to character identity (frozen encoder)."""
+    x, y, _ = train
+    x_eval, y_eval, _ = evaluation
+    if len(y) < 2 or not len(y_eval):
+        return float("nan")  # no image whose slots matched its word
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.AdamW(linear.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(linear((x - mean) / std), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        return (linear((x_eval - mean) / std).argmax(-1) == y_eval).float().mean().item()
+
+
 def _edit_distance(a: str, b: str) -> int:
     row = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
@@ -215,6 +262,13 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, encoder_dir: str
                 if key not in eval_cache:
                     eval_cache[key] = _columns(encoder, eval_images)
                 t2 = time.time()
+                if key + "/chars" not in eval_cache:
+                    eval_cache[key + "/chars"] = _character_features(encoder, eval_images, eval_words, DEFAULT_CHARSET)
+                chars = _character_probe(_character_features(encoder, images, words, DEFAULT_CHARSET),
+                                         eval_cache[key + "/chars"], len(DEFAULT_CHARSET), seed)
+                rows.append({"protocol": "characters", "labels": fraction, "labelled_images": n, "seed": seed,
+                             "init": arm, "seconds": time.time() - t2, "char_accuracy": chars, "word_accuracy": None})
+                t2 = time.time()
                 frozen = _probe(encoder, _columns(encoder, images), words, eval_cache[key], eval_words, scale, seed)
                 rows.append({"protocol": "frozen", "labels": fraction, "labelled_images": n, "seed": seed,
                              "init": arm, "seconds": time.time() - t2, **frozen})
@@ -222,19 +276,22 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, encoder_dir: str
                 tuned = evaluate(_finetune(encoder, images, words, scale, seed), eval_images, eval_words)
                 rows.append({"protocol": "finetune", "labels": fraction, "labelled_images": n, "seed": seed,
                              "init": arm, "seconds": time.time() - t2, **tuned})
-                print(f"{fraction:4.0%} labels ({n:4d} images) seed {seed} {arm:7s}: frozen word/char "
+                print(f"{fraction:4.0%} labels ({n:4d} images) seed {seed} {arm:7s}: character probe {chars:.3f}, "
+                      f"frozen CTC word/char "
                       f"{frozen['word_accuracy']:.3f}/{frozen['char_accuracy']:.3f}, fine-tuned "
                       f"{tuned['word_accuracy']:.3f}/{tuned['char_accuracy']:.3f}  e.g. {tuned['examples'][:2]}",
                       flush=True)
 
     summary = {}
-    for protocol in ("finetune", "frozen"):
+    for protocol in ("finetune", "frozen", "characters"):
         for fraction in LABEL_FRACTIONS:
             for arm in ("scratch", "ccd"):
                 sel = [r for r in rows if r["protocol"] == protocol and r["labels"] == fraction and r["init"] == arm]
                 entry = {}
                 for metric in ("word_accuracy", "char_accuracy"):
-                    values = [r[metric] for r in sel]
+                    values = [r[metric] for r in sel if r[metric] is not None]
+                    if not values:
+                        continue
                     entry[metric] = statistics.mean(values)
                     entry[metric + "_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
                 summary[f"{protocol}/{fraction:.2f}/{arm}"] = entry
@@ -256,16 +313,18 @@ def _write(output_dir: str, result: dict) -> None:
     s, st = result["summary"], result["setting"]
     titles = {"finetune": f"Fine-tuned recogniser ({st['finetune_steps']} steps, batch {st['finetune_batch']})",
               "frozen": f"Frozen encoder, CTC head only ({st['probe_steps']} steps on cached features)"}
+    titles["characters"] = "Character probe: linear classifier on frozen pooled character features"
     lines = []
-    for protocol in ("finetune", "frozen"):
+    for protocol in ("finetune", "frozen", "characters"):
         lines += [f"**{titles[protocol]}**", "", "| labels | encoder init | word accuracy | char accuracy |",
                   "|---|---|---|---|"]
         for fraction in st["label_fractions"]:
             n = next(r["labelled_images"] for r in result["runs"] if r["labels"] == fraction)
             for arm, label in (("scratch", "random (from scratch)"), ("ccd", "CCD teacher encoder")):
                 e = s[f"{protocol}/{fraction:.2f}/{arm}"]
-                lines.append(f"| {fraction:.0%} ({n} images) | {label} | {e['word_accuracy']:.3f} ± "
-                             f"{e['word_accuracy_std']:.3f} | {e['char_accuracy']:.3f} ± {e['char_accuracy_std']:.3f} |")
+                word = (f"{e['word_accuracy']:.3f} ± {e['word_accuracy_std']:.3f}" if "word_accuracy" in e else "–")
+                lines.append(f"| {fraction:.0%} ({n} images) | {label} | {word} | {e['char_accuracy']:.3f} ± "
+                             f"{e['char_accuracy_std']:.3f} |")
         lines.append("")
     lines.append(f"seeds {st['seeds']} (fine-tuning; pretraining seed {st['pretrain_seed']}), "
                  f"pretraining {result['pretraining']['seconds']:.0f} s, total {result['seconds']:.0f} s wall, "
