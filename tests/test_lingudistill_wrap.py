@@ -149,3 +149,26 @@ def test_triton_kernel_gives_the_torch_teacher_logits():
     assert torch.equal(got["torch"]["rows"], got["triton"]["rows"])
     torch.testing.assert_close(got["triton"]["teacher"], got["torch"]["teacher"], rtol=1e-4, atol=1e-5)
     assert (got["torch"]["teacher"] - got["torch"]["student"]).abs().max() > 1e-3
+
+
+def test_idefics3_structure_tokens_are_shared_through_the_tokenizer():
+    """`<fake_token_around_image>`, `<row_i_col_j>`, `<global-img>` are only known to the tokenizer: with it they
+    count as visual (shared, never distilled); without it only the config's `<image>` id does."""
+    from contract_cases.lingudistill import tiny_idefics3
+    from test_lingudistill_loss import _Tok
+
+    words = [f"w{i}" for i in range(80)]
+    words[70:73] = ["<fake_token_around_image>", "<row_1_col_1>", "<global-img>"]
+    student = tiny_idefics3()
+    teacher = independent_teacher(student)
+    batch = collate([vlm_example("idefics3", torch.Generator().manual_seed(0), image_at=3)])
+    batch["input_ids"][0, 2] = 70
+    batch["input_ids"][0, 7:9] = torch.tensor([71, 72])
+    plain = vlmdistill.wrap(student, plugin="lingudistill", teacher=teacher)
+    assert plain.plugin.plan(batch, {}).unreadable[0].nonzero().squeeze(1).tolist() == [3, 4, 5, 6]
+    vlmdistill.unwrap(plain)
+    wrapped = vlmdistill.wrap(student, plugin="lingudistill", teacher=teacher, student_tokenizer=_Tok(words),
+                              teacher_tokenizer=_Tok(words))
+    plan = wrapped.plugin.plan(batch, {})
+    assert plan.unreadable[0].nonzero().squeeze(1).tolist() == [2, 3, 4, 5, 6, 7, 8]
+    assert not plan.distilled[0, 7:9].any()

@@ -51,7 +51,8 @@ class LinguDistillConfig(PluginConfig):
     trust_vocab_prefix: bool = option(
         False, "accept a student vocabulary larger than the teacher's without tokenizers to prove that the "
                "teacher's vocabulary is its prefix")
-    chunk_rows: int = option(256, "distilled rows per chunk of teacher LM head + KL (bounds the fp32 memory)", ge=1)
+    chunk_rows: int = option(256, "supervised rows per chunk of the fused CE + KD pass (teacher LM head, softmaxes); "
+                                  "bounds the fp32 temporaries", ge=1)
 
     def validate(self, where=None):
         super().validate(where)

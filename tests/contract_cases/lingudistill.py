@@ -46,6 +46,17 @@ def tiny_idefics3(seed: int = 0, dtype=torch.float32, **text):
     return Idefics3ForConditionalGeneration(cfg).to(dtype)
 
 
+def tiny_smolvlm(seed: int = 0, dtype=torch.float32, **text):
+    from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = SmolVLMConfig(text_config=LlamaConfig(**text_config(**text)).to_dict(),
+                        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=4),
+                        image_token_id=IMAGE_TOKEN, scale_factor=2)
+    return SmolVLMForConditionalGeneration(cfg).to(dtype)
+
+
 def tiny_qwen2_vl(seed: int = 0, dtype=torch.float32, hidden: int = 32, heads: int = 4, **text):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -60,7 +71,7 @@ def tiny_qwen2_vl(seed: int = 0, dtype=torch.float32, hidden: int = 32, heads: i
     return Qwen2VLForConditionalGeneration(cfg).to(dtype)
 
 
-FAMILY_BUILDERS = {"llava": tiny_llava, "idefics3": tiny_idefics3, "qwen2_vl": tiny_qwen2_vl}
+FAMILY_BUILDERS = {"llava": tiny_llava, "idefics3": tiny_idefics3, "smolvlm": tiny_smolvlm, "qwen2_vl": tiny_qwen2_vl}
 
 
 def language_model_copy(student):
@@ -115,7 +126,7 @@ def vlm_example(family: str, g: torch.Generator, *, length: int = 14, image_at: 
         example.update(pixel_values=torch.rand(16, 3 * 2 * 4 * 4, generator=g), image_grid_thw=torch.tensor([1, 4, 4]))
     else:
         ids[span] = IMAGE_TOKEN
-        shape = (1, 3, 16, 16) if family == "idefics3" else (3, 16, 16)
+        shape = (1, 3, 16, 16) if family in ("idefics3", "smolvlm") else (3, 16, 16)
         example["pixel_values"] = torch.rand(shape, generator=g)
     return example
 
