@@ -281,7 +281,8 @@ def run_one(kind: str, settings: dict, seed: int, out_dir: str) -> dict[str, Any
     return {"run": kind, "seed": seed, **metrics, "peak_rss_mb": result["peak_rss_mb"],
             "saved_activations_mb": result["saved_activations_mb"], "train_seconds": result["train_seconds"],
             "train_cpu_seconds": result["train_cpu_seconds"],
-            "first_loss": losses[0], "last_loss": statistics.fmean(losses[-10:])}
+            "first_loss": losses[0], "last_loss": statistics.fmean(losses[-10:]),
+            "process_cpu_seconds": time.process_time()}   # the whole run: set-up, training, evaluation
 
 
 def _child(kind, settings, seed, out_dir, queue):
@@ -376,10 +377,12 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, workers: int = 2
     results = sorted(run_in_processes(jobs, settings, output_dir, workers),
                      key=lambda r: (RUN_KINDS.index(r["run"]), r["seed"]))
     summary = summarise(results)
+    cpu_total = sum(r["process_cpu_seconds"] for r in results) + time.process_time()
     report = {"settings": dataclasses.asdict(settings), "seeds": seeds, "quick": quick, "runs": results,
               "summary": {k: {m: list(v) for m, v in d.items()} for k, d in summary.items()},
               "wall_seconds": time.perf_counter() - started, "workers": workers, "cpu_count": os.cpu_count(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
+              "cpu_seconds_total": cpu_total,
               "torch_threads_per_run": settings.threads}
     with open(os.path.join(output_dir, "msd_results.json"), "w") as fh:
         json.dump(report, fh, indent=2)
@@ -390,9 +393,10 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, workers: int = 2
                  f"Probe: {settings.shots}-shot logistic regression on frozen image embeddings.\n\n{table}\n\n"
                  f"Wall time {report['wall_seconds']:.0f} s ({workers} processes x {settings.threads} thread, "
                  f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} before / {os.getloadavg()[0]:.1f} "
-                 f"after).\n")
+                 f"after); {cpu_total:.0f} CPU-seconds in the parent and run processes.\n")
     print(table)
-    print(f"wall time {report['wall_seconds']:.0f} s (load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}); "
+    print(f"wall time {report['wall_seconds']:.0f} s (load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}), "
+          f"{cpu_total:.0f} CPU-seconds in the parent and run processes; "
           f"results in {output_dir}/msd_results.{{json,md}}")
     return report
 
