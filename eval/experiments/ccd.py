@@ -26,14 +26,14 @@ from vlmdistill.plugins.ccd.recognizer import DEFAULT_CHARSET
 
 SCALES = {
     # encoder, pretraining and fine-tuning sizes; "full" is sized for about 10 minutes on 2 CPU cores
-    "full": dict(embed_dim=64, depth=4, heads=2, seg_blocks=[2, 3, 4], pretrain_images=3000, pretrain_steps=100,
-                 pretrain_batch=32, finetune_steps=100, finetune_batch=16, finetune_lr=1e-3, probe_steps=1500,
-                 probe_batch=32, eval_images=300, out_dim=2048, head_hidden=256, bottleneck=64, seg_hidden=32,
-                 seg_map=16),
-    "quick": dict(embed_dim=32, depth=3, heads=2, seg_blocks=[1, 2, 3], pretrain_images=200, pretrain_steps=4,
-                  pretrain_batch=8, finetune_steps=4, finetune_batch=8, finetune_lr=1e-3, probe_steps=20,
-                  probe_batch=8, eval_images=16, out_dim=256, head_hidden=64, bottleneck=32, seg_hidden=16,
-                  seg_map=8),
+    "full": dict(embed_dim=64, depth=4, heads=2, seg_blocks=[2, 3, 4], seg_hidden=32, seg_map=16, out_dim=2048,
+                 head_hidden=256, bottleneck=64, pretrain_images=3000, pretrain_steps=100, pretrain_batch=32,
+                 pretrain_lr=3e-4, finetune_steps=100, finetune_batch=16, finetune_lr=1e-3, probe_steps=1500,
+                 probe_batch=32, eval_images=300),
+    "quick": dict(embed_dim=32, depth=3, heads=2, seg_blocks=[1, 2, 3], seg_hidden=16, seg_map=8, out_dim=256,
+                  head_hidden=64, bottleneck=32, pretrain_images=200, pretrain_steps=4, pretrain_batch=8,
+                  pretrain_lr=1e-3, finetune_steps=4, finetune_batch=8, finetune_lr=1e-3, probe_steps=20,
+                  probe_batch=8, eval_images=16),
 }
 LABEL_FRACTIONS = (0.01, 0.10)
 QUICK_WORDS = (["alpha", "beta", "gamma", "delta", "format", "string", "module", "return", "value", "object",
@@ -79,7 +79,7 @@ def _pretrain(images: np.ndarray, scale: dict, output_dir: str, seed: int):
         teacher_momentum=0.99, momentum_total_steps=steps, freeze_last_layer_steps=max(1, steps // 10),
         pseudo_mask_steps=steps + 1)
     args = TrainingArguments(output_dir=os.path.join(output_dir, "pretrain"), max_steps=steps,
-                             per_device_train_batch_size=scale["pretrain_batch"], learning_rate=1e-3,
+                             per_device_train_batch_size=scale["pretrain_batch"], learning_rate=scale["pretrain_lr"],
                              lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10), weight_decay=0.04,
                              max_grad_norm=3.0, logging_steps=max(1, steps // 10), save_strategy="no", report_to=[],
                              use_cpu=True, seed=seed, disable_tqdm=True, dataloader_num_workers=0)

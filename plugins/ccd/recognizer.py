@@ -20,7 +20,8 @@ def _plugin_of(wrapped: nn.Module):
         model = model.module
     plugin = getattr(model, "plugin", None)
     if plugin is None or getattr(plugin, "name", None) != "ccd":
-        raise TypeError(f"expected a model returned by vlmdistill.wrap(..., plugin='ccd'), got {type(wrapped).__name__}")
+        raise TypeError(f"expected a model returned by vlmdistill.wrap(..., plugin='ccd'), "
+                        f"got {type(wrapped).__name__}")
     return plugin
 
 
