@@ -172,3 +172,13 @@ def test_idefics3_structure_tokens_are_shared_through_the_tokenizer():
     plan = wrapped.plugin.plan(batch, {})
     assert plan.unreadable[0].nonzero().squeeze(1).tolist() == [2, 3, 4, 5, 6, 7, 8]
     assert not plan.distilled[0, 7:9].any()
+
+
+def test_a_teacher_cannot_serve_two_wrappers_at_once():
+    first, second = tiny_llava(seed=1), tiny_llava(seed=2)
+    teacher = independent_teacher(first)
+    wrapped = vlmdistill.wrap(first, plugin="lingudistill", teacher=teacher)
+    with pytest.raises(UnsupportedModelError, match="teacher is already attached to another lingudistill wrapper"):
+        vlmdistill.wrap(second, plugin="lingudistill", teacher=teacher)
+    vlmdistill.unwrap(wrapped)
+    vlmdistill.wrap(second, plugin="lingudistill", teacher=teacher).unwrap()

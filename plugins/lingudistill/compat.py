@@ -67,6 +67,9 @@ def check_attention_features(config: Any, role: str) -> None:
 
 def check_attention_implementation(config: Any, role: str) -> str:
     impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl.startswith("lingudistill_"):
+        raise UnsupportedModelError(f"the {role} is already attached to another lingudistill wrapper; unwrap that "
+                                    "one first (a teacher cannot serve two wrappers at once)")
     if impl not in SUPPORTED_ATTENTION:
         raise UnsupportedModelError(
             f"{role} language model runs attention implementation {impl!r}; lingudistill wraps {SUPPORTED_ATTENTION}. "

@@ -27,12 +27,12 @@ from vlmdistill.plugin import DistillationPlugin, DistillationResult
 from vlmdistill.teachers import has_active_adapters
 
 from .attention import AttentionRouter, ForwardState
-from .compat import (check_architectures, check_attention_features, check_attention_implementation, head_width,
-                     shared_vocabulary)
+from .compat import (check_architectures, check_attention_features, check_attention_implementation, head_dim,
+                     head_width, shared_vocabulary)
 from .config import LinguDistillConfig
 from .families import family_of, text_decoder, visual_token_ids
-from .layout import build_layout, distilled_rows, document_ids, prompt_mask
 from .fused_loss import task_and_distill_sums
+from .layout import build_layout, distilled_rows, document_ids, prompt_mask
 from .loss import kd_sum, task_ce_sums
 from .selection import sample_kd_mask
 from .teacher_lm import TeacherLM
@@ -114,21 +114,21 @@ class LinguDistillPlugin(DistillationPlugin):
         ids = visual_token_ids(student, family, self.runtime.get("student_tokenizer")) | set(cfg.extra_shared_token_ids)
         self._visual_ids = torch.tensor(sorted(ids), dtype=torch.long)
         if cfg.kernel == "triton":
-            self._check_triton(s_config)
+            self._check_triton(s_config, teacher_lm)
         self._teacher_lm = teacher_lm
         self._student_decoder = decoder
 
-    def _check_triton(self, text_config) -> None:
+    @staticmethod
+    def _check_triton(text_config, teacher_lm: TeacherLM) -> None:
+        from vlmdistill.teachers import module_device
+
         from .two_source import fused_kernel
 
         if fused_kernel() is None:
             raise ConfigError("kernel='triton' needs vlmdistill.kernels (the fused two-source attention kernel)")
         from vlmdistill.kernels import KERNEL_HEAD_DIMS, triton_can_run
-        from vlmdistill.teachers import module_device
 
-        from .compat import head_dim
-
-        device = module_device(self._teacher_lm.model if self._teacher_lm else self.teacher)
+        device = module_device(teacher_lm.decoder)
         if not triton_can_run(device):
             raise ConfigError(f"kernel='triton': the teacher is on {device}; the Triton kernel needs CUDA (or "
                               "TRITON_INTERPRET=1 on the CPU). Use kernel='auto' to fall back to torch")
