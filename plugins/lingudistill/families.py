@@ -90,7 +90,8 @@ def text_decoder(model: nn.Module, role: str = "student") -> nn.Module:
     config = inner.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     candidates = [m for _, m in inner.named_modules()
-                  if getattr(m, "config", None) is text_config and isinstance(getattr(m, "layers", None), nn.ModuleList)]
+                  if getattr(m, "config", None) is text_config
+                  and isinstance(getattr(m, "layers", None), nn.ModuleList)]
     if not candidates and hasattr(inner, "get_decoder"):
         decoder = inner.get_decoder()
         candidates = [decoder] if isinstance(getattr(decoder, "layers", None), nn.ModuleList) else []

@@ -6,7 +6,7 @@ Per micro-batch:
    pre-hook on the rotary embedding records the student's positions;
 3. teacher pass over the distilled samples only, at the student's positions, attending to the stashed student
    K/V at shared positions and to its own K/V elsewhere (text-only queries, or the full-length reference);
-4. loss = Σ_rows w·CE + α·Σ_distilled τ²·D(teacher ‖ student), with w = 1−α on distilled rows and 1 elsewhere,
+4. loss = Σ_rows w·CE + α·Σ_distilled τ²·D(teacher ‖ student), w = 1−α on distilled rows and 1 elsewhere,
    divided by the supervised-token count (the Trainer's `num_items_in_batch` when given).
 
 Irawan et al., "LinguDistill", arXiv 2604.00829.
