@@ -190,3 +190,18 @@ def test_unwrap_unregisters_the_attention_function():
     assert not set(names) & set(AttentionMaskInterface._global_mapping)
     assert student.config.text_config._attn_implementation == "sdpa"
     assert student.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_layout_moves_to_the_teachers_device():
+    from vlmdistill.plugins.lingudistill.layout import build_layout
+
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    shared = torch.zeros(2, 6, dtype=torch.bool)
+    shared[:, 1:3] = True
+    distilled = torch.zeros(2, 6, dtype=torch.bool)
+    distilled[0, 4] = distilled[1, 3:5] = True
+    layout = build_layout(shared=shared, distilled=distilled, valid=valid, segments=None, full_length=False)
+    assert layout.query_index.tolist() == [[0, 3, 4], [0, 3, 4]] and layout.shared_index.tolist() == [[1, 2]] * 2
+    moved = layout.to("meta")
+    assert moved.query_index.is_meta and moved.distill_slot[1].is_meta and moved.segments is None
+    assert layout.to("cpu") is layout

@@ -79,7 +79,7 @@ class ForwardState:
     def teacher_attention(self, module, query, key, value, scaling) -> torch.Tensor:
         k_shared, v_shared = (t.to(device=query.device, dtype=query.dtype) for t in self.shared_kv(module.layer_idx))
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        layout = self.layout
+        layout = self.layout.to(query.device)
         if self.full_length:
             out = replaced_attention(query, key, value, k_shared, v_shared, shared_index=layout.shared_index,
                                      shared_valid=layout.shared_valid, positions=layout.query_index,

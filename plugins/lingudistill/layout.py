@@ -37,6 +37,20 @@ class SequenceLayout:
     distill_slot: tuple[torch.Tensor, torch.Tensor]
     distill_position: tuple[torch.Tensor, torch.Tensor]
 
+    def to(self, device) -> "SequenceLayout":
+        """The same layout with its tensors on `device` (a teacher on another device than the student)."""
+        if self.query_index.device == torch.device(device):
+            return self
+
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            if isinstance(value, tuple):
+                return tuple(v.to(device) for v in value)
+            return value
+
+        return SequenceLayout(**{f.name: move(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
     @property
     def num_distilled(self) -> int:
         return int(self.distill_position[0].numel())

@@ -48,15 +48,21 @@ def torch_two_source_attention(q, k_shared, v_shared, k_own, v_own, *, pos_q, po
     return _masked_sdpa(q, k, v, allowed, scale)
 
 
+def _kernel_fits(q: torch.Tensor) -> bool:
+    from vlmdistill.kernels import KERNEL_HEAD_DIMS
+
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] in KERNEL_HEAD_DIMS
+
+
 def two_source_attention(q, k_shared, v_shared, k_own, v_own, *, kernel: str, scale: float, **meta):
-    if kernel != "torch":
-        fused = fused_kernel()
-        if kernel == "triton" or (fused is not None and q.is_cuda):
-            if fused is None:
-                raise RuntimeError("kernel='triton' needs vlmdistill.kernels, which is not installed")
-            out, _ = fused(q, k_shared, v_shared, k_own, v_own, scale=scale,
-                           backend="triton" if kernel == "triton" else "auto", **meta)
-            return out
+    """'triton': the fused kernel; 'auto': the fused kernel on CUDA when dtype and head_dim fit, masked SDPA
+    otherwise; 'torch': masked SDPA."""
+    fused = fused_kernel() if kernel != "torch" else None
+    if kernel == "triton" and fused is None:
+        raise RuntimeError("kernel='triton' needs vlmdistill.kernels, which is not installed")
+    if fused is not None and (kernel == "triton" or _kernel_fits(q)):
+        out, _ = fused(q, k_shared, v_shared, k_own, v_own, scale=scale, backend="triton", **meta)
+        return out
     return torch_two_source_attention(q, k_shared, v_shared, k_own, v_own, scale=scale, **meta)
 
 
