@@ -28,8 +28,9 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return (logits - mean) / (std + eps)
 
 
-def _rows_loss_and_grad(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: float, beta: float):
-    """Per-row divergence and d(divergence)/d(student logits) for one fp32 chunk, τ² included."""
+def rows_loss_and_grad(s: torch.Tensor, t: torch.Tensor, kind: str, temperature: float, beta: float):
+    """Per-row divergence and its gradient w.r.t. the student logits for one chunk (τ² included); the
+    building block of fused losses that never keep softmax intermediates for backward."""
     log_ps = F.log_softmax(s / temperature, dim=-1)
     log_pt = F.log_softmax(t / temperature, dim=-1)
     ps, pt = log_ps.exp(), log_pt.exp()
@@ -66,7 +67,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             stop = min(start + chunk_rows, student.shape[0])
             s = student[start:stop].to(work)
             t = teacher[start:stop].to(device=student.device, dtype=work)
-            rows, g = _rows_loss_and_grad(s, t, kind, temperature, beta)
+            rows, g = rows_loss_and_grad(s, t, kind, temperature, beta)
             w = weights[start:stop].to(work) if weights is not None else None
             total += (rows * w).sum() if w is not None else rows.sum()
             if needs_grad:

@@ -95,15 +95,18 @@ class DistillationPlugin(nn.Module):
         self._set_teacher(teacher)
 
     @contextlib.contextmanager
-    def teacher_context(self) -> Iterator[nn.Module]:
-        """The teacher in eval mode, without autograd; for teacher='base', the student with adapters off."""
+    def teacher_context(self, grad: bool = False) -> Iterator[nn.Module]:
+        """The teacher in eval mode, without autograd; for teacher='base', the student with adapters off.
+
+        `grad=True` keeps autograd on (the teacher's parameters stay frozen) for ablations whose loss must
+        flow *through* the teacher into student tensors it consumes."""
         teacher = self.teacher
         if teacher is None:
             raise RuntimeError(f"plugin {self.name!r} has no teacher")
         was_training = teacher.training
         teacher.eval()
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(grad):
                 if self._teacher_is_student_base:
                     with adapters_disabled(teacher):
                         yield teacher

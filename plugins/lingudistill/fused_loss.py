@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from vlmdistill.losses import _rows_loss_and_grad
+from vlmdistill.losses import rows_loss_and_grad
 
 
 class _TaskAndDistill(torch.autograd.Function):
@@ -46,7 +46,7 @@ class _TaskAndDistill(torch.autograd.Function):
             chosen = (slot >= 0).nonzero().squeeze(1)
             if chosen.numel():
                 teacher = head(teacher_hidden[slot[chosen]])[:, :width].to(device=s.device, dtype=compute)
-                rows, g_kd = _rows_loss_and_grad(s[chosen, :width], teacher, kind, temperature, jsd_beta)
+                rows, g_kd = rows_loss_and_grad(s[chosen, :width], teacher, kind, temperature, jsd_beta)
                 kd_total += rows.sum()
                 weighted += alpha * rows.sum()
                 if g is not None:

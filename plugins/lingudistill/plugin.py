@@ -247,7 +247,7 @@ class LinguDistillPlugin(DistillationPlugin):
     def _teacher_hidden(self, plan: BatchPlan, input_ids: torch.Tensor) -> torch.Tensor:
         """The teacher's final hidden states at the distilled rows `[N_distilled, H]`, in row-major order."""
         state = plan.state
-        context = self.teacher_context() if self.config.detach_shared_kv else self._grad_teacher_context()
+        context = self.teacher_context(grad=not self.config.detach_shared_kv)
         with self.router.activate(state), context:
             hidden = self._teacher_lm.run(state, input_ids, plan.unreadable)
         r, slot = state.layout.distill_slot
@@ -285,12 +285,3 @@ class LinguDistillPlugin(DistillationPlugin):
                 yield
         else:
             yield
-
-    @contextlib.contextmanager
-    def _grad_teacher_context(self):
-        """Eval mode with autograd on: the KD gradient flows through the teacher into the student's K/V (the
-        teacher's own parameters stay frozen)."""
-        teacher = self.teacher
-        teacher.eval()
-        with torch.enable_grad():
-            yield teacher
