@@ -11,6 +11,8 @@
    the plain CLIP step with the same micro-batch (forward/backward with the model's own loss, optimizer
    step every M micro-batches). Target: <= 1.4x (one extra no-grad forward on top of forward+backward).
 Timings alternate between the variants so that machine noise hits them alike; medians are printed.
+3. Tensor memory of one optimizer step (peak of live bytes allocated by torch above the start, from the
+   profiler's memory events): plain b × M accumulation, `msd_step` b × M, and plain CLIP on one batch of M·b.
 """
 
 from __future__ import annotations
@@ -114,6 +116,20 @@ def _batch(n: int, args, seed: int) -> dict:
             "pixel_values": torch.randn(n, 3, args.image, args.image, generator=g).to(args.device)}
 
 
+def allocator_peak_mb(fn) -> float:
+    """Peak of torch's live allocations during `fn()` above their level at the start (CPU profiler events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.profiler.function_events, key=lambda e: e.time_range.start):
+        # "[memory]" events are frees outside any op; op events carry their own allocations and frees.
+        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def bench_step(args) -> dict:
     import vlmdistill
     from vlmdistill.plugins.msd import msd_step
@@ -146,9 +162,20 @@ def bench_step(args) -> dict:
         times["plain"].append(_timed(lambda: plain_step(batch), args.device) / m)
         times["msd"].append(_timed(lambda: msd(batch), args.device) / m)
     plain_ms, msd_ms = (statistics.median(times[k]) * 1e3 for k in ("plain", "msd"))
-    return {"micro_batch": b, "accumulation": m, "queue": args.queue,
-            "parameters": sum(p.numel() for p in plain.parameters()),
-            "plain_ms_per_micro_batch": plain_ms, "msd_ms_per_micro_batch": msd_ms, "ratio": msd_ms / plain_ms}
+    result = {"micro_batch": b, "accumulation": m, "queue": args.queue,
+              "parameters": sum(p.numel() for p in plain.parameters()),
+              "plain_ms_per_micro_batch": plain_ms, "msd_ms_per_micro_batch": msd_ms, "ratio": msd_ms / plain_ms}
+    if args.device == "cpu" and m > 1:
+
+        def big_step():
+            plain(**batches[0], return_loss=True).loss.backward()
+            plain_opt.step()
+            plain_opt.zero_grad(set_to_none=True)
+
+        result["allocator_peak_mb"] = {"plain b x M": allocator_peak_mb(lambda: plain_step(batches[0])),
+                                       "msd b x M": allocator_peak_mb(lambda: msd(batches[0])),
+                                       "plain M·b": allocator_peak_mb(big_step)}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Step per micro-batch of {step['micro_batch']} (M = {accumulation}, K = {step['queue']}, "
               f"{step['parameters'] / 1e6:.1f}M-parameter CLIP): plain {step['plain_ms_per_micro_batch']:.1f} ms, "
               f"msd {step['msd_ms_per_micro_batch']:.1f} ms, ratio {step['ratio']:.2f}x (target <= 1.4x)")
+        if "allocator_peak_mb" in step:
+            print("  tensor memory of one optimizer step (MB above start): " +
+                  ", ".join(f"{k} {v:.1f}" for k, v in step["allocator_peak_mb"].items()))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
