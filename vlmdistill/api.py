@@ -66,13 +66,13 @@ def wrap(model: nn.Module, plugin: str = "kd", teacher: Any = None, *, config: P
 
 def unwrap(wrapped: nn.Module) -> nn.Module:
     """The original student: same object and class, hooks removed, attention implementation restored."""
-    inner = _unwrap_parallel(wrapped)
+    inner = unwrap_parallel(wrapped)
     if not isinstance(inner, DistillationModel):
         raise TypeError(f"expected a model returned by vlmdistill.wrap, got {type(wrapped).__name__}")
     return inner.unwrap()
 
 
-def _unwrap_parallel(model: nn.Module) -> nn.Module:
+def unwrap_parallel(model: nn.Module) -> nn.Module:
     """Peel DDP / DataParallel / accelerate / torch.compile wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):
@@ -107,4 +107,4 @@ def load(directory: str, model: nn.Module | None = None, teacher: Any = None, **
 
 def step_end(model: nn.Module) -> None:
     """`model.step_end()` through any DDP / accelerate wrapping."""
-    _unwrap_parallel(model).step_end()
+    unwrap_parallel(model).step_end()

@@ -15,12 +15,12 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from .api import _unwrap_parallel
+from .api import unwrap_parallel
 from .model import DistillationModel
 
 
 def _find_wrapper(model: Any) -> DistillationModel | None:
-    inner = _unwrap_parallel(model) if model is not None else None
+    inner = unwrap_parallel(model) if model is not None else None
     return inner if isinstance(inner, DistillationModel) else None
 
 

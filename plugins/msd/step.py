@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from vlmdistill.api import _unwrap_parallel, step_end
+from vlmdistill.api import unwrap_parallel, step_end
 
 from .window import batch_size_of, split_batch
 
@@ -24,7 +24,7 @@ def msd_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, macro_bat
     synchronised on the last micro-batch only). `backward` replaces `loss.backward()`, e.g.
     `accelerator.backward`. Returns the macro-batch loss.
     """
-    wrapper = _unwrap_parallel(model)
+    wrapper = unwrap_parallel(model)
     plugin = getattr(wrapper, "plugin", None)
     if plugin is None or plugin.name != "msd":
         raise TypeError("msd_step needs a model returned by vlmdistill.wrap(model, plugin='msd')")
