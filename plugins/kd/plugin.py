@@ -16,37 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmdistill.errors import IncompatibleTeacherError, UnsupportedModelError
+from vlmdistill.errors import UnsupportedModelError
 from vlmdistill.hf import filter_kwargs, forward_parameters, infer_width, loss_shifts_labels, output_width
 from vlmdistill.hooks import ActivationCapture, get_submodule
 from vlmdistill.losses import divergence_loss, feature_loss, standardize_logits
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
+from vlmdistill.vocab import shared_vocabulary
 
 from .config import KDConfig
-
-
-def check_vocabularies(student_width: int | None, teacher_width: int | None, *, student_tokenizer=None,
-                       teacher_tokenizer=None, trust_prefix: bool = False) -> int | None:
-    """Width of the logits to compare, or raise if the vocabularies cannot be aligned."""
-    if student_width is None or teacher_width is None:
-        return None
-    shared = min(student_width, teacher_width)
-    if student_tokenizer is not None and teacher_tokenizer is not None:
-        n = min(len(student_tokenizer), len(teacher_tokenizer), shared)
-        s_tokens = student_tokenizer.convert_ids_to_tokens(list(range(n)))
-        t_tokens = teacher_tokenizer.convert_ids_to_tokens(list(range(n)))
-        if s_tokens != t_tokens:
-            first = next(i for i, (a, b) in enumerate(zip(s_tokens, t_tokens)) if a != b)
-            raise IncompatibleTeacherError(
-                f"student and teacher tokenizers disagree at id {first}: student {s_tokens[first]!r} vs "
-                f"teacher {t_tokens[first]!r}; logit distillation needs a shared vocabulary")
-        return shared
-    if student_width != teacher_width and not trust_prefix:
-        raise IncompatibleTeacherError(
-            f"vocabulary sizes differ: student {student_width} vs teacher {teacher_width}. Pass "
-            "student_tokenizer= and teacher_tokenizer= to wrap() so the shared prefix can be checked, or set "
-            "trust_vocab_prefix=True if the smaller vocabulary is known to be a prefix of the larger")
-    return shared
 
 
 class KDPlugin(DistillationPlugin):
@@ -67,7 +44,7 @@ class KDPlugin(DistillationPlugin):
     # ------------------------------------------------------------------ wrap
     def check_compatibility(self, student: nn.Module) -> None:
         teacher = self.teacher
-        self.shared_width = check_vocabularies(
+        self.shared_width = shared_vocabulary(
             output_width(student), output_width(teacher),
             student_tokenizer=self.runtime.get("student_tokenizer"),
             teacher_tokenizer=self.runtime.get("teacher_tokenizer"),

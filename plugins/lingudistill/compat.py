@@ -77,28 +77,6 @@ def check_attention_implementation(config: Any, role: str) -> str:
     return impl
 
 
-def shared_vocabulary(student_width: int, teacher_width: int, *, student_tokenizer=None, teacher_tokenizer=None,
-                      trust_prefix: bool = False) -> int:
-    """Width of the vocabulary both models speak (the teacher's ids are a prefix of the student's)."""
-    shared = min(student_width, teacher_width)
-    if student_tokenizer is not None and teacher_tokenizer is not None:
-        n = min(len(student_tokenizer), len(teacher_tokenizer), shared)
-        s_tokens = student_tokenizer.convert_ids_to_tokens(list(range(n)))
-        t_tokens = teacher_tokenizer.convert_ids_to_tokens(list(range(n)))
-        if s_tokens != t_tokens:
-            first = next(i for i, (a, b) in enumerate(zip(s_tokens, t_tokens)) if a != b)
-            raise IncompatibleTeacherError(
-                f"the shared vocabulary prefix is not the same tokens: id {first} is {s_tokens[first]!r} for the "
-                f"student vs {t_tokens[first]!r} for the teacher")
-        return shared
-    if student_width != teacher_width and not trust_prefix:
-        raise IncompatibleTeacherError(
-            f"vocabulary sizes differ (student {student_width} vs teacher {teacher_width}). Pass "
-            "student_tokenizer= and teacher_tokenizer= to wrap() so the shared prefix can be checked, or set "
-            "trust_vocab_prefix=True if the teacher's vocabulary is known to be a prefix of the student's")
-    return shared
-
-
 def head_width(head: nn.Module) -> int:
     weight = getattr(head, "weight", None)
     if weight is None:

@@ -27,8 +27,10 @@ from vlmdistill.plugin import DistillationPlugin, DistillationResult
 from vlmdistill.teachers import has_active_adapters
 
 from .attention import AttentionRouter, ForwardState
+from vlmdistill.vocab import shared_vocabulary
+
 from .compat import (check_architectures, check_attention_features, check_attention_implementation, head_dim,
-                     head_width, shared_vocabulary)
+                     head_width)
 from .config import LinguDistillConfig
 from .families import family_of, text_decoder, visual_token_ids
 from .fused_loss import task_and_distill_sums
