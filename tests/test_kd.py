@@ -38,6 +38,10 @@ def test_loss_matches_manual_float64(kind, standardize):
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(out.loss_terms["task"].double(), ce, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(out.loss_terms["kd"], kd, rtol=1e-10, atol=1e-12)
+    # CE and KD without standardization run as one fused pass with a hand-written gradient: check it too.
+    params = list(student.parameters())
+    for got, ref in zip(torch.autograd.grad(out.loss, params), torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-9)
 
 
 def test_unsupervised_positions_are_not_distilled():

@@ -69,3 +69,33 @@ def test_feature_loss_mask_normalises_over_selected_tokens():
     assert cos.abs() < 1e-6
     with pytest.raises(ValueError, match="mse"):
         feature_loss(s, t, "l3")
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "jsd"])
+def test_row_indices_equal_gathering_the_rows(kind):
+    """Selecting rows by index gives the value of the gathered rows and a gradient that is zero elsewhere."""
+    s = torch.randn(4, 9, 23, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 5, 23, dtype=torch.float64)
+    s_rows = torch.tensor([0, 3, 8, 17, 35, 20])
+    t_rows = torch.tensor([1, 0, 19, 4, 7, 12])
+    w = torch.rand(6, dtype=torch.float64)
+    flat_s = s.reshape(-1, 23)
+    ref = (reference_divergence(flat_s[s_rows], t.reshape(-1, 23)[t_rows], kind=kind, temperature=2.0) * w).sum()
+    (g_ref,) = torch.autograd.grad(ref, s)
+
+    got = divergence_loss(s, t, kind=kind, temperature=2.0, weights=w, chunk_rows=4,
+                          student_rows=s_rows, teacher_rows=t_rows)
+    (g,) = torch.autograd.grad(got, s)
+    torch.testing.assert_close(got, ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+    untouched = torch.ones(36, dtype=torch.bool)
+    untouched[s_rows] = False
+    assert g.reshape(-1, 23)[untouched].abs().max() == 0
+
+
+def test_row_indices_must_come_in_pairs():
+    s, t = torch.randn(3, 5), torch.randn(3, 5)
+    with pytest.raises(ValueError, match="together"):
+        divergence_loss(s, t, student_rows=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="rows"):
+        divergence_loss(s, t, student_rows=torch.tensor([0, 1]), teacher_rows=torch.tensor([0]))

@@ -40,7 +40,8 @@ class KDConfig(PluginConfig):
     trust_vocab_prefix: bool = option(
         False, "accept different student/teacher vocabulary sizes without tokenizers to check that the smaller "
                "vocabulary is a prefix of the larger (distil over the shared prefix)")
-    chunk_rows: int = option(1024, "rows of logits processed at once by the KD loss (bounds fp32 memory)", ge=1)
+    chunk_rows: int = option(0, "rows of logits processed at once by the KD loss (bounds fp32 memory); "
+                                "0 = about 2^20 logits on CPU, 2^24 on GPU", ge=0)
 
     def validate(self, where=None):
         super().validate(where)

@@ -19,7 +19,8 @@ from torch import nn
 from vlmdistill.errors import UnsupportedModelError
 from vlmdistill.hf import filter_kwargs, forward_parameters, infer_width, loss_shifts_labels, output_width
 from vlmdistill.hooks import ActivationCapture, get_submodule
-from vlmdistill.losses import divergence_loss, feature_loss, standardize_logits
+from vlmdistill.losses import (auto_chunk_rows, divergence_loss, feature_loss, standardize_logits,
+                               task_and_distill_sums)
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
 from vlmdistill.vocab import shared_vocabulary
 
@@ -79,8 +80,12 @@ class KDPlugin(DistillationPlugin):
         cfg = self.config
         labels = inputs.get("labels")
         shifts = loss_shifts_labels(student)
+        # Next-token CE and KD over the same rows: one fused pass instead of the student's own CE + a second pass.
+        fused = shifts and labels is not None and cfg.positions != "all" and not cfg.logit_standardization
         student_inputs = dict(inputs)
-        if num_items_in_batch is not None and shifts and labels is not None:
+        if fused:
+            del student_inputs["labels"]
+        elif num_items_in_batch is not None and shifts and labels is not None:
             student_inputs["num_items_in_batch"] = num_items_in_batch  # HF causal-LM loss: sum / window count
         with self._recording(self._student_capture) as s_feats:
             s_out = student(**student_inputs)
@@ -91,20 +96,33 @@ class KDPlugin(DistillationPlugin):
         with self._recording(self._teacher_capture) as t_feats:
             t_out = self.run_teacher(**teacher_inputs)
         t_logits = t_out["logits"] if isinstance(t_out, dict) else t_out.logits
-        s_sel, t_sel, count = self._select(s_logits, t_logits, rows, shifts, "logits_to_keep" in teacher_inputs)
-        if cfg.logit_standardization:
-            s_sel, t_sel = standardize_logits(s_sel), standardize_logits(t_sel)
+        s_2d, s_rows, t_2d, t_rows, count = self._select(s_logits, t_logits, rows, shifts,
+                                                         "logits_to_keep" in teacher_inputs)
         denom = self.normaliser(count, num_items_in_batch if labels is not None else None)
-        kd = divergence_loss(s_sel, t_sel, kind=cfg.divergence, temperature=cfg.temperature,
-                             jsd_beta=cfg.jsd_beta, chunk_rows=cfg.chunk_rows) / denom
-
-        terms: dict[str, torch.Tensor] = {"kd": kd}
-        task = self._task_loss(s_out, s_logits, labels, shifts, num_items_in_batch)
-        if task is not None:
-            terms["task"] = task
-            total = (1.0 - cfg.alpha) * task + cfg.alpha * kd
+        chunk_rows = cfg.chunk_rows or auto_chunk_rows(s_logits.shape[-1], s_logits.device)
+        if fused:
+            ce_weight = torch.full(labels.shape, 1.0 - cfg.alpha, dtype=torch.float64, device=labels.device)
+            weighted, ce_sum, kd_sum = task_and_distill_sums(
+                s_logits, labels, ce_weight, F.pad(rows, (0, 1)), t_rows, lambda ids: t_2d.index_select(0, ids), alpha=cfg.alpha,
+                width=t_2d.shape[-1], kind=cfg.divergence, temperature=cfg.temperature, jsd_beta=cfg.jsd_beta,
+                chunk_rows=chunk_rows)
+            terms: dict[str, torch.Tensor] = {"kd": kd_sum / denom, "task": ce_sum / denom}
+            total = weighted / denom
         else:
-            total = kd  # no labels: pure distillation
+            if cfg.logit_standardization:  # z-scoring needs the selected rows themselves (autograd through it)
+                s_2d, t_2d = (standardize_logits(x if r is None else x[r])
+                              for x, r in ((s_2d, s_rows), (t_2d, t_rows)))
+                s_rows = t_rows = None
+            kd = divergence_loss(s_2d, t_2d, kind=cfg.divergence, temperature=cfg.temperature,
+                                 jsd_beta=cfg.jsd_beta, chunk_rows=chunk_rows, student_rows=s_rows,
+                                 teacher_rows=t_rows) / denom
+            terms = {"kd": kd}
+            task = self._task_loss(s_out, s_logits, labels, shifts, num_items_in_batch)
+            if task is not None:
+                terms["task"] = task
+                total = (1.0 - cfg.alpha) * task + cfg.alpha * kd
+            else:
+                total = kd  # no labels: pure distillation
         if cfg.features:
             share = (count / denom) if num_items_in_batch is not None and labels is not None else 1.0
             for i, pair in enumerate(cfg.features):
@@ -151,22 +169,30 @@ class KDPlugin(DistillationPlugin):
         return out
 
     def _select(self, s_logits, t_logits, rows, shifts: bool, teacher_kept: bool):
+        """`(student [N, V], student row indices, teacher [M, V], teacher row indices, count)` over the shared
+        vocabulary. Indices (not copies) select the rows, so the divergence gathers them chunk by chunk."""
         width = self.shared_width or min(s_logits.shape[-1], t_logits.shape[-1])
-        s_logits = s_logits[..., :width]
-        t_logits = t_logits[..., :width]
+        if s_logits.shape[-1] != width:
+            s_logits = s_logits[..., :width]
+        t_logits = t_logits[..., :width].to(s_logits.device)
         if s_logits.dim() == 2:
             if rows is None:
-                return s_logits, t_logits, s_logits.shape[0]
-            return s_logits[rows], t_logits[rows], rows.sum()
-        if shifts:
-            s_logits = s_logits[:, :-1]
-            if teacher_kept:
-                cols = rows.any(0).nonzero().squeeze(-1)
-                s_logits, rows = s_logits[:, cols], rows[:, cols]
-                t_logits = t_logits.to(s_logits.device)
-            else:
-                t_logits = t_logits[:, :-1]
-        return s_logits[rows], t_logits.to(s_logits.device)[rows], rows.sum()
+                return s_logits, None, t_logits, None, s_logits.shape[0]
+            index = rows.nonzero().squeeze(-1)
+            return s_logits, index, t_logits, index, rows.sum()
+        # rows: [B, T'] over the (shifted) positions; student row (b, t) is logits row b·T + t either way,
+        # because the causal shift only drops the last position.
+        b, t = rows.nonzero(as_tuple=True)
+        s_index = b * s_logits.shape[1] + t
+        if shifts and teacher_kept:  # teacher logits exist only at the kept columns, in order
+            cols = rows.any(0).nonzero().squeeze(-1)
+            slot = torch.full((rows.shape[1],), -1, dtype=torch.long, device=rows.device)
+            slot[cols] = torch.arange(cols.numel(), device=rows.device)
+            t_index = b * cols.numel() + slot[t]
+        else:
+            t_index = b * t_logits.shape[1] + t
+        return (s_logits.reshape(-1, width), s_index, t_logits.reshape(-1, width), t_index.to(t_logits.device),
+                rows.sum())
 
     def _task_loss(self, s_out, s_logits, labels, shifts: bool, num_items_in_batch) -> torch.Tensor | None:
         if labels is None:

@@ -1,6 +1,6 @@
 """Loss sums in plain autograd, for the `detach_shared_kv=False` ablation, where the KD gradient must also
-reach the teacher's logits (and through them the student's shared K/V). The default path is `fused_loss.py`.
-The teacher's LM head still runs chunk by chunk, on the distilled rows only.
+reach the teacher's logits (and through them the student's shared K/V). The default path is
+`vlmdistill.losses.task_and_distill_sums`. The teacher's LM head still runs chunk by chunk, on the distilled rows only.
 """
 
 from __future__ import annotations

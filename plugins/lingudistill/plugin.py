@@ -33,7 +33,7 @@ from .compat import (check_architectures, check_attention_features, check_attent
                      head_width)
 from .config import LinguDistillConfig
 from .families import family_of, text_decoder, visual_token_ids
-from .fused_loss import task_and_distill_sums
+from vlmdistill.losses import task_and_distill_sums
 from .layout import build_layout, distilled_rows, document_ids, prompt_mask
 from .loss import kd_sum, task_ce_sums
 from .selection import sample_kd_mask
