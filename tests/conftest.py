@@ -8,10 +8,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Tiny test models run fastest on one intra-op thread (thread start-up dominates their small kernels).
-torch.set_num_threads(1)
-
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
     torch.manual_seed(0)
+    # Tiny test models run fastest on one intra-op thread (two spin-wait badly on a busy 2-core machine);
+    # set per test because benchmarks and demos under test may change it.
+    torch.set_num_threads(1)

@@ -13,15 +13,6 @@ from vlmdistill.plugins.dcclip.cache import TeacherFeatureCache
 from vlmdistill.plugins.dcclip.testing import tiny_hf_clip, token_batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread; two spin-wait badly on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _student():
     return tiny_hf_clip(hidden=16, layers=1, patch=8, seed=1)
 

@@ -13,15 +13,6 @@ from vlmdistill.plugins.dcclip.data import (ClipImageTransform, ImageTextCollato
 from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread; two spin-wait badly on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CAPTIONS = {"en": "a photo of the digit {}.", "zh": "数字{}的照片。"}
 NAMES = {"en": ["zero", "one", "two", "three"], "zh": ["零", "一", "二", "三"]}
 

@@ -1,8 +1,6 @@
 """Stage 2 under DDP: embeddings gathered with gradient, so two gloo processes with half a batch each
 get the gradient of one process with the whole batch (the generic DDP contract test covers stage 1)."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist

@@ -13,15 +13,6 @@ from vlmdistill.plugins.dcclip.losses import (align_maps, embedding_loss, image_
 from vlmdistill.plugins.dcclip.testing import tiny_hf_clip, token_batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread; two spin-wait badly on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("adapter_kind", ["conv", "linear"])
 @pytest.mark.parametrize("kind", ["smooth_l1", "mse", "cosine"])
 def test_image_loss_is_zero_when_teacher_equals_adapted_student(adapter_kind, kind):

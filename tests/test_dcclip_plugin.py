@@ -11,15 +11,6 @@ from vlmdistill.errors import ConfigError, IncompatibleTeacherError, Unsupported
 from vlmdistill.plugins.dcclip.testing import tiny_hf_clip, tiny_open_clip, token_batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread; two spin-wait badly on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _hf_batch(n=3, seed=0, size=32, length=9):
     g = torch.Generator().manual_seed(seed + 100)
     return {**token_batch(n, length=length, seed=seed), "pixel_values": torch.randn(n, 3, size, size, generator=g)}

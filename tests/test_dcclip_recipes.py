@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 import vlmdistill
@@ -14,15 +13,6 @@ from vlmdistill.plugins.dcclip.recipes import cache_teacher_main
 from vlmdistill.plugins.dcclip.testing import tiny_hf_clip
 from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
 from vlmdistill.recipes import load_recipe, run_recipe
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread; two spin-wait badly on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -164,3 +164,13 @@ class PluginConfig:
                 default = "(required)"
             rows.append((f.name, _type_name(hints[f.name]), default, f.metadata.get("help", "")))
         return rows
+
+
+@dataclasses.dataclass
+class LogitDistillationConfig(PluginConfig):
+    """Options shared by plugins that distil a teacher's output distribution (`kd`, `lingudistill`)."""
+
+    temperature: float = option(1.0, "softmax temperature; the KD term is scaled by temperature**2", gt=0.0)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option(
+        "forward_kl", "forward_kl = KL(teacher || student); reverse_kl = KL(student || teacher); jsd = JSD(beta)")
+    jsd_beta: float = option(0.5, "teacher weight in the JSD mixture", gt=0.0, lt=1.0)

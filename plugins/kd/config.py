@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional
 
-from vlmdistill.config import PluginConfig, option
+from vlmdistill.config import LogitDistillationConfig, PluginConfig, option
 from vlmdistill.errors import ConfigError
 
 
@@ -22,15 +22,11 @@ class FeatureMatch(PluginConfig):
 
 
 @dataclasses.dataclass
-class KDConfig(PluginConfig):
+class KDConfig(LogitDistillationConfig):
     """Hinton logit distillation with optional logit standardization and feature matching."""
 
     alpha: float = option(0.5, "loss = (1 - alpha) * task loss + alpha * KD loss; 1.0 = pure distillation",
                           ge=0.0, le=1.0)
-    temperature: float = option(1.0, "softmax temperature; the KD term is scaled by temperature**2", gt=0.0)
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option(
-        "forward_kl", "forward_kl = KL(teacher || student); reverse_kl = KL(student || teacher); jsd = JSD(beta)")
-    jsd_beta: float = option(0.5, "teacher weight in the JSD mixture", gt=0.0, lt=1.0)
     logit_standardization: bool = option(
         False, "z-score both logit rows before the temperature softmax (Sun et al., CVPR 2024)")
     positions: Literal["auto", "labels", "all"] = option(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from vlmdistill.config import PluginConfig, option
+from vlmdistill.config import LogitDistillationConfig, option
 from vlmdistill.errors import ConfigError
 
 #: language-intensive data in the paper's sense: distilled by default
@@ -13,15 +13,11 @@ DEFAULT_DISTILL_CATEGORIES = ["captioning", "knowledge", "text", "long_form"]
 
 
 @dataclasses.dataclass
-class LinguDistillConfig(PluginConfig):
+class LinguDistillConfig(LogitDistillationConfig):
     """Layer-wise KV-cache sharing + selective logit distillation from the VLM's original language model."""
 
     alpha: float = option(0.5, "on distilled samples loss = (1 - alpha) * CE + alpha * KD; other samples keep CE",
                           ge=0.0, le=1.0)
-    temperature: float = option(1.0, "softmax temperature; the KD term is scaled by temperature**2", gt=0.0)
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = option(
-        "forward_kl", "forward_kl = KL(teacher || student); reverse_kl = KL(student || teacher); jsd = JSD(beta)")
-    jsd_beta: float = option(0.5, "teacher weight in the JSD mixture", gt=0.0, lt=1.0)
     share_scope: Literal["visual", "prompt", "all"] = option(
         "visual", "positions where the teacher reads the student's K/V: 'visual' = image tokens and image-structure "
                   "markers, 'prompt' = everything before the first supervised token, 'all' = every position. Tokens "
