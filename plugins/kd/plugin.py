@@ -103,9 +103,9 @@ class KDPlugin(DistillationPlugin):
         if fused:
             ce_weight = torch.full(labels.shape, 1.0 - cfg.alpha, dtype=torch.float64, device=labels.device)
             weighted, ce_sum, kd_sum = task_and_distill_sums(
-                s_logits, labels, ce_weight, F.pad(rows, (0, 1)), t_rows, lambda ids: t_2d.index_select(0, ids), alpha=cfg.alpha,
-                width=t_2d.shape[-1], kind=cfg.divergence, temperature=cfg.temperature, jsd_beta=cfg.jsd_beta,
-                chunk_rows=chunk_rows)
+                s_logits, labels, ce_weight, F.pad(rows, (0, 1)), t_rows, lambda ids: t_2d.index_select(0, ids),
+                alpha=cfg.alpha, width=t_2d.shape[-1], kind=cfg.divergence, temperature=cfg.temperature,
+                jsd_beta=cfg.jsd_beta, chunk_rows=chunk_rows)
             terms: dict[str, torch.Tensor] = {"kd": kd_sum / denom, "task": ce_sum / denom}
             total = weighted / denom
         else:
