@@ -23,5 +23,5 @@ def test_quick_demo_writes_results(tmp_path):
     # the exported students are plain transformers folders (model + tokenizer)
     from transformers import AutoTokenizer, CLIPModel
 
-    CLIPModel.from_pretrained(tmp_path / "work" / "arm2_seed0")
-    AutoTokenizer.from_pretrained(tmp_path / "work" / "arm2_seed0")
+    CLIPModel.from_pretrained(tmp_path / "artifacts" / "arm2_seed0")
+    AutoTokenizer.from_pretrained(tmp_path / "artifacts" / "arm2_seed0")

@@ -185,7 +185,7 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, threads: int = 1
     # Tiny models are overhead-bound: one intra-op thread is as fast, and far faster on a busy machine.
     torch.set_num_threads(threads)
     started = time.perf_counter()
-    workdir = os.path.join(output_dir, "work")
+    workdir = os.path.join(output_dir, "artifacts")
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir, exist_ok=True)
     teacher_steps, student_steps = (12, 12) if quick else (TEACHER_STEPS, STUDENT_STEPS)
