@@ -4,20 +4,10 @@ learning-rate schedule (the interrupted run stops at the checkpoint instead of h
 import pytest
 import torch
 from contract_cases import load_case
+from trainer_data import ExampleList
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import vlmdistill
-
-
-class _Examples(torch.utils.data.Dataset):
-    def __init__(self, examples):
-        self.examples = examples
-
-    def __len__(self):
-        return len(self.examples)
-
-    def __getitem__(self, i):
-        return self.examples[i]
 
 
 class _StopAt(TrainerCallback):
@@ -38,7 +28,7 @@ def _run(case, out, *, resume=None, stop_at=None):
                              max_steps=4, learning_rate=1e-3, report_to=[], use_cpu=True, logging_steps=1,
                              save_strategy="steps", save_steps=2, disable_tqdm=True, dataloader_num_workers=0, seed=0)
     callbacks = [vlmdistill.DistillationCallback()] + ([_StopAt(stop_at)] if stop_at else [])
-    trainer = Trainer(model=wrapped, args=args, train_dataset=_Examples(case.examples(16, 11)),
+    trainer = Trainer(model=wrapped, args=args, train_dataset=ExampleList(case.examples(16, 11)),
                       data_collator=case.collate, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return [h["loss"] for h in trainer.state.log_history if "loss" in h], wrapped

@@ -9,6 +9,7 @@ import pytest
 import torch
 from contract_cases import load_case
 from torch import nn
+from trainer_data import ExampleList
 from transformers import Trainer, TrainingArguments
 
 import vlmdistill
@@ -227,17 +228,6 @@ def test_accumulation_equals_big_batch(plugin):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-class _Examples(torch.utils.data.Dataset):
-    def __init__(self, examples):
-        self.examples = examples
-
-    def __len__(self):
-        return len(self.examples)
-
-    def __getitem__(self, i):
-        return self.examples[i]
-
-
 def _trainer(case, wrapped, tmp_path, **args):
     # A constant schedule: an interrupted run with a smaller max_steps must follow the same learning rates.
     defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, learning_rate=1e-3,
@@ -256,7 +246,7 @@ def _trainer(case, wrapped, tmp_path, **args):
 
     cls = vlmdistill.DistillationTrainer if case.trainer == "DistillationTrainer" else Trainer
     callbacks = [] if cls is vlmdistill.DistillationTrainer else [vlmdistill.DistillationCallback()]
-    return cls(model=wrapped, args=TrainingArguments(**defaults), train_dataset=_Examples(examples),
+    return cls(model=wrapped, args=TrainingArguments(**defaults), train_dataset=ExampleList(examples),
                data_collator=collate_with_junk, callbacks=callbacks)
 
 

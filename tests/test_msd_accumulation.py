@@ -3,6 +3,7 @@
 import pytest
 import torch
 from contract_cases.msd import collate, examples, tiny_clip
+from trainer_data import ExampleList
 from transformers import Trainer, TrainingArguments
 
 import vlmdistill
@@ -75,24 +76,13 @@ def test_msd_step_with_micro_batches_equals_one_big_step():
         torch.testing.assert_close(runs[2][1][key], runs[6][1][key], rtol=1e-9, atol=1e-12, msg=key)
 
 
-class _Examples(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 def _trainer(wrapped, tmp_path, cls=vlmdistill.DistillationTrainer, callbacks=(), **overrides):
     args = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
                 learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
                 train_sampling_strategy="sequential", report_to=[], use_cpu=True, save_strategy="no",
                 disable_tqdm=True, logging_steps=1, seed=0)
     args.update(overrides)
-    return cls(model=wrapped, args=TrainingArguments(**args), train_dataset=_Examples(examples(16, 3)),
+    return cls(model=wrapped, args=TrainingArguments(**args), train_dataset=ExampleList(examples(16, 3)),
                data_collator=collate, callbacks=list(callbacks))
 
 
