@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Optional
+from typing import Optional
 
 from vlmdistill.errors import ConfigError
 from vlmdistill.recipes import register_data_builder, register_model_builder

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmdistill.errors import UnsupportedModelError
-from vlmdistill.hf import filter_kwargs, forward_parameters, infer_width, loss_shifts_labels, output_width
+from vlmdistill.hf import forward_parameters, infer_width, loss_shifts_labels, output_width
 from vlmdistill.hooks import ActivationCapture, get_submodule
 from vlmdistill.losses import (auto_chunk_rows, divergence_loss, feature_loss, standardize_logits,
                                task_and_distill_sums)
