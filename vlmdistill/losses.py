@@ -234,8 +234,10 @@ def task_and_distill_sums(logits: torch.Tensor, labels: torch.Tensor, row_weight
     """(Σ w·CE + α·Σ KD, Σ CE, Σ KD) over the logit rows t with labels[t+1] supervised.
 
     `row_weight` `[B, T]`: CE weight per row; `distilled` `[B, T]`: rows with a KD term (a subset of the
-    supervised rows), whose teacher hidden states `teacher_hidden` `[N_distilled, H]` come in row-major order.
-    Only the first value carries a gradient (to `logits`)."""
+    supervised rows), whose teacher hidden states `teacher_hidden` `[N_distilled, H]` come in row-major order;
+    `head` maps a chunk of them to teacher logits (lingudistill: the teacher's LM head; kd: `teacher_hidden` holds
+    row indices into already computed teacher logits and `head` gathers them). Only the first value carries a
+    gradient (to `logits`)."""
     supervised = torch.zeros_like(labels, dtype=torch.bool)
     supervised[:, :-1] = labels[:, 1:] != -100
     rows_b, rows_t = supervised.nonzero(as_tuple=True)
