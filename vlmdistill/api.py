@@ -12,6 +12,7 @@ from .errors import ConfigError
 from .io import PLUGIN_CONFIG_NAME, PLUGIN_STATE_NAME, load_tensors, read_json
 from .model import DistillationModel, distillation_class_for
 from .registry import get_plugin
+from .sharding import ScalarParameters
 
 
 def _split_kwargs(plugin_cls: type, kwargs: dict[str, Any]) -> tuple[dict, dict]:
@@ -52,10 +53,19 @@ def wrap(model: nn.Module, plugin: str = "kd", teacher: Any = None, *, config: P
     overrides, runtime = _split_kwargs(plugin_cls, dict(kwargs))
     cfg = build_config(plugin_cls, config, overrides)
     instance = plugin_cls(cfg, **runtime)
-    instance.resolve_teacher(model, teacher)
-    instance.check_compatibility(model)
+    # Before the plugin looks at the student (and copies it, for EMA teachers): 0-dim parameters become
+    # 1-element tensors, which FSDP2 can shard; state dicts keep the 0-dim shape.
+    scalars = ScalarParameters().hold(model)
+    try:
+        instance.resolve_teacher(model, teacher)
+        if isinstance(instance.teacher, nn.Module) and instance.teacher is not model:
+            scalars.hold(instance.teacher)  # a teacher may be sharded like the student
+        instance.check_compatibility(model)
+    except Exception:
+        scalars.release()
+        raise
     wrapper_cls = distillation_class_for(model, instance)
-    wrapped = wrapper_cls(model, instance)
+    wrapped = wrapper_cls(model, instance, scalars)
     try:
         instance.attach(model, wrapped._hooks)
     except Exception:

@@ -143,6 +143,13 @@ class DistillationPlugin(nn.Module):
         """Called by `DistillationTrainerMixin` with all micro-batches of the coming optimizer step,
         before the first of them is forwarded. Most plugins ignore it."""
 
+    def shard_teacher(self, placement: str, **fsdp_kwargs: Any) -> None:
+        """Shard the teacher for FSDP2 (`vlmdistill.shard(model, teacher=placement)`: 'shard' or 'offload').
+        Plugins whose teacher is several modules (an EMA head beside an EMA backbone) shard each."""
+        from .sharding import shard_teacher
+
+        shard_teacher(self.teacher, placement, **fsdp_kwargs)
+
     # ------------------------------------------------------------- persistence
     def hidden_state(self) -> dict[str, torch.Tensor]:
         """Persistent tensors kept outside parameters/buffers (EMA teachers, queues). Saved with the plugin."""
@@ -173,11 +180,16 @@ class DistillationPlugin(nn.Module):
         rest = {k: v for k, v in state_dict.items() if not k.startswith(hidden_prefix)}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    def save_student(self, student: nn.Module, directory: str) -> None:
-        """Write the student in its native format. Override for non-HF models or other exports."""
+    def save_student(self, student: nn.Module, directory: str, state_dict: dict[str, torch.Tensor] | None = None
+                     ) -> None:
+        """Write the student in its native format. Override for non-HF models or other exports.
+
+        Called on every rank (sharded state is gathered collectively); only rank 0 writes. `state_dict`: the
+        student's full state (gathered from FSDP2 shards or ZeRO-3 partitions; `{}` on other ranks), None to
+        write the student's own `state_dict()`."""
         from .io import save_student
 
-        save_student(student, directory)
+        save_student(student, directory, state_dict=state_dict)
 
     @classmethod
     def load_student(cls, student: nn.Module | None, directory: str) -> nn.Module:

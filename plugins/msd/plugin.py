@@ -20,13 +20,14 @@ from torch import nn
 from vlmdistill.errors import UnsupportedModelError
 from vlmdistill.hooks import get_submodule
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
+from vlmdistill.distributed import gathered_parameters
 from vlmdistill.teachers import EMATeacher, module_device
 
 from .config import TEMPERATURE_MAX, TEMPERATURE_MIN, MSDConfig
 from .embeddings import EmbeddingReader, model_logit_scale
 from .loss import momentum_contrastive_rows
 from .queue import KeyQueues
-from .window import AccumulationWindow, world
+from .window import AccumulationWindow
 
 NO_WINDOW_HELP = (
     "Under transformers.Trainer with gradient_accumulation_steps > 1 use vlmdistill.DistillationTrainer (or mix "
@@ -102,27 +103,20 @@ class MSDPlugin(DistillationPlugin):
 
     @torch.no_grad()
     def _clamp_temperature(self) -> None:
+        # Outside a forward: an FSDP2 shard (clamped elementwise as it is) or a ZeRO-3 partition (gathered)
         if self.config.temperature is not None:
-            self.temp.clamp_(TEMPERATURE_MIN, TEMPERATURE_MAX)
+            param, low, high = self.temp, TEMPERATURE_MIN, TEMPERATURE_MAX
         else:
-            model_logit_scale(self._student).clamp_(math.log(1 / TEMPERATURE_MAX), math.log(1 / TEMPERATURE_MIN))
+            param, low, high = model_logit_scale(self._student), math.log(1 / TEMPERATURE_MAX), math.log(1 / TEMPERATURE_MIN)
+        with gathered_parameters([param], modify=True):
+            param.clamp_(low, high)
 
     # --------------------------------------------------------------- teacher
-    def _follow_student_device(self) -> None:
-        # The teacher is not registered, so wrapped.to(device) leaves it behind: follow the student here.
-        device = module_device(self._student)
-        if module_device(self.teacher) != device:
-            self.teacher.to(device)
-
     def _sync_teacher_across_processes(self) -> None:
         # Processes may have built different students before DDP broadcast rank 0's weights; the teachers were
         # copied before that, so take rank 0's teacher once.
-        rank, size = world()
-        if size > 1 and not self._teacher_synced:
-            import torch.distributed as dist
-
-            for tensor in self.teacher.state_dict().values():
-                dist.broadcast(tensor, src=0)
+        if not self._teacher_synced:
+            self._ema.broadcast(src=0)
         self._teacher_synced = True
 
     def _teacher_keys(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +127,7 @@ class MSDPlugin(DistillationPlugin):
         return image, text
 
     def _build_window(self, batches, *, gather: bool, implicit: bool) -> AccumulationWindow:
-        self._follow_student_device()
+        self._ema.follow(self._student)  # wrapped.to(device) does not reach the unregistered teacher
         if gather:
             self._sync_teacher_across_processes()
         window = AccumulationWindow.build(batches, self._teacher_keys, self.config.micro_batch_size, gather=gather,
@@ -212,7 +206,7 @@ class MSDPlugin(DistillationPlugin):
     # -------------------------------------------------------------- per step
     def on_step_end(self) -> None:
         student = self._student
-        self._follow_student_device()
+        self._ema.follow(student)
         self._ema.update(student, self.config.momentum)
         window, self._window = self._window, None
         if window is not None and window.started:
