@@ -49,9 +49,11 @@ def main(plugin: str, out_path: str) -> None:
     grads = {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.grad is not None}
     optimizer.step()
     vlmdistill.step_end(model)
+    terms = wrapped.pop_logged_terms()  # a collective: reduced over the ranks
     if rank == 0:
         params = {n: p.detach().clone() for n, p in wrapped.named_parameters()}
-        torch.save({"grads": grads, "params": params, "global_step": int(wrapped.plugin.global_step)}, out_path)
+        torch.save({"grads": grads, "params": params, "global_step": int(wrapped.plugin.global_step),
+                    "terms": terms}, out_path)
     accelerator.wait_for_everyone()
 
 

@@ -46,6 +46,9 @@ def wrap(model: nn.Module, plugin: str = "kd", teacher: Any = None, *, config: P
     Config values come as keyword arguments or as `config=` (a dict or the plugin's config class);
     unknown keys are refused with the list of valid ones. Teacher/student compatibility is checked
     here, before any training.
+
+    While wrapped, 0-dim parameters (CLIP's `logit_scale`) are 1-element tensors, which FSDP2 can shard;
+    state dicts and exports keep their 0-dim shape, and `unwrap()` restores it.
     """
     if isinstance(model, DistillationModel):
         raise ConfigError("model is already wrapped; call vlmdistill.unwrap(model) first")

@@ -155,12 +155,18 @@ def full_state_dict(module: nn.Module, *, rank0_only: bool = True) -> dict[str, 
     return out
 
 
-def _reapply_full_state_hooks(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """State-dict post-hooks that only act on plain tensors (they saw DTensors) run again on the gathered ones."""
-    for prefix, mod in module.named_modules():
+def _reapply_full_state_hooks(module: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """State-dict post-hooks that only act on plain tensors (they saw DTensors) run again on the gathered ones,
+    also for the modules behind a plugin's hidden state (EMA teachers)."""
+    for name, mod in module.named_modules():
+        mod_prefix = f"{prefix}{name}." if name else prefix
         for hook in mod._state_dict_hooks.values():
             if getattr(hook, "reapply_on_full_state", False):
-                hook(mod, state, f"{prefix}." if prefix else "", {})
+                hook(mod, state, mod_prefix, {})
+        hidden_modules = getattr(mod, "hidden_modules", None)
+        if callable(hidden_modules):
+            for key_prefix, hidden in hidden_modules().items():
+                _reapply_full_state_hooks(hidden, state, f"{mod_prefix}hidden.{key_prefix}")
 
 
 def _zero3_full_state_dict(module: nn.Module, keep: bool) -> dict[str, torch.Tensor]:

@@ -212,9 +212,35 @@ class DistillationModel(nn.Module):
         plugin_state = {k[len("plugin."):]: v for k, v in state_dict.items() if k.startswith("plugin.")}
         save_tensors(plugin_state, os.path.join(directory, PLUGIN_STATE_NAME), metadata={"plugin": self.plugin.name})
 
+    def export_student(self, directory: str) -> None:
+        """Only the student, in its native format (what `unwrap(model).save_pretrained(directory)` writes for an
+        unsharded model), gathered from FSDP2 shards or ZeRO-3 partitions first: call it on every rank."""
+        sharded = world_size() > 1 or is_sharded(self.student)
+        state = full_state_dict(self.student) if sharded else None
+        if state is not None and is_main_process():
+            _check_not_empty(state, "student")
+        self.plugin.save_student(self.student, directory, state_dict=state)
+
     @property
     def teacher(self) -> nn.Module | None:
         return self.plugin.teacher
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The student's, or None where it has none (transformers' CLIPModel raises; accelerate's FSDP2
+        preparation asks every model)."""
+        return _embeddings(self.student, "get_input_embeddings")
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return _embeddings(self.student, "get_output_embeddings")
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The student's transformer block classes (`vlmdistill.sharding.block_classes`), which accelerate's and
+        the Trainer's FSDP auto-wrap policy read from the model it shards: one unit per decoder/encoder layer.
+        (The student's own list can name classes it lacks, which accelerate refuses: LLaVA's.)"""
+        from .sharding import block_class_names
+
+        return block_class_names(self.student)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
@@ -229,6 +255,14 @@ class DistillationModel(nn.Module):
             if student is None or name.startswith("__"):
                 raise
             return getattr(student, name)
+
+
+def _embeddings(student: nn.Module, getter: str) -> nn.Module | None:
+    method = getattr(student, getter, None)
+    try:
+        return method() if callable(method) else None
+    except NotImplementedError:
+        return None
 
 
 def _attach_loss(output: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> Any:

@@ -81,6 +81,36 @@ class DataSpec(PluginConfig):
 
 
 @dataclasses.dataclass
+class DistributedSpec(PluginConfig):
+    """How student and teacher are spread over the processes of `accelerate launch` / `torchrun`."""
+
+    strategy: Literal["ddp", "fsdp2", "zero3"] = option(
+        "ddp", "'ddp': a full copy per process (also one process); 'fsdp2': PyTorch FSDP2 through the Trainer, one "
+               "unit per student block; 'zero3': DeepSpeed ZeRO-3 through the Trainer (pip install vlmdistill[deepspeed])")
+    teacher: Literal["replicate", "shard", "offload"] = option(
+        "replicate", "teacher placement: a full copy per process; sharded like the student; or sharded with its "
+                     "shards in CPU memory (EMA teachers of msd/ccd under zero3: replicate only)")
+    reshard_after_forward: bool = option(True, "fsdp2: free gathered student blocks after their forward")
+    cpu_offload: bool = option(False, "student parameters (and ZeRO-3 optimizer state) in CPU memory")
+    state_dict_type: Literal["SHARDED_STATE_DICT", "FULL_STATE_DICT"] = option(
+        "SHARDED_STATE_DICT", "fsdp2 checkpoints: one file per rank (DCP) or gathered on rank 0")
+    deepspeed: dict[str, Any] = option(default_factory=dict,
+                                       help="zero3: DeepSpeed config entries merged over the defaults")
+
+    def training_arguments(self) -> dict[str, Any]:
+        """TrainingArguments fields for this strategy."""
+        if self.strategy == "fsdp2":
+            return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": self.reshard_after_forward,
+                                                  "cpu_offload": self.cpu_offload,
+                                                  "state_dict_type": self.state_dict_type}}
+        if self.strategy == "zero3":
+            from .zero3 import zero3_config
+
+            return {"deepspeed": zero3_config(offload=self.cpu_offload, **self.deepspeed)}
+        return {}
+
+
+@dataclasses.dataclass
 class Recipe(PluginConfig):
     plugin: str = option(help="registered plugin name (see `vlmdistill plugins`)")
     student: ModelSpec = option(help="the model being trained")
@@ -93,6 +123,15 @@ class Recipe(PluginConfig):
     resume: Union[bool, Literal["auto"]] = option(
         "auto", "'auto': continue from the last checkpoint in output_dir if there is one; true: require one")
     seed: int = option(0, "random seed for model building and training")
+    distributed: DistributedSpec = option(default_factory=DistributedSpec,
+                                          help="data parallelism: DDP, FSDP2 or DeepSpeed ZeRO-3, and the teacher's place")
+
+    def validate(self, where=None):
+        super().validate(where)
+        taken = sorted({"fsdp", "fsdp_config", "deepspeed"} & set(self.training))
+        if taken and self.distributed.strategy != "ddp":
+            raise ConfigError(f"{where or 'recipe'}: training.{taken[0]} and distributed.strategy="
+                              f"{self.distributed.strategy!r} both configure sharding; keep one")
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
@@ -157,8 +196,11 @@ def training_arguments(recipe: Recipe):
         raise ConfigError("training.output_dir: set the recipe's top-level output_dir instead")
     defaults = {"report_to": [], "save_strategy": "steps", "save_steps": 100, "logging_steps": 10,
                 "seed": recipe.seed, "use_cpu": not _cuda_available()}
+    sharding = recipe.distributed.training_arguments()
+    if "deepspeed" in sharding:
+        defaults.pop("use_cpu")  # DeepSpeed picks its own accelerator (its CPU one without a GPU)
     return TrainingArguments(output_dir=os.path.join(recipe.output_dir, "checkpoints"),
-                             **{**defaults, **recipe.training})
+                             **{**defaults, **sharding, **recipe.training})
 
 
 def _cuda_available() -> bool:
@@ -186,7 +228,8 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     built = _lookup(_DATA_BUILDERS, recipe.data.builder, "data builder")(student, teacher, **recipe.data.kwargs)
     train_dataset, collator, wrap_kwargs = (*built, {}) if len(built) == 2 else built
     wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config, **wrap_kwargs)
-    args = training_arguments(recipe)
+    args = training_arguments(recipe)  # starts the process group under accelerate launch / torchrun
+    _place_teacher(wrapped, recipe.distributed)
     checkpoint = None
     if recipe.resume:
         checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
@@ -197,10 +240,25 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
     final_dir = os.path.join(recipe.output_dir, "final")
     wrapped.save_pretrained(final_dir)
     student_dir = os.path.join(recipe.output_dir, "student")
-    wrapped.plugin.save_student(unwrap(wrapped), student_dir)
+    wrapped.export_student(student_dir)  # gathered when sharded (FSDP2, ZeRO-3); every rank calls it
+    unwrap(wrapped)
     return {"resumed_from": checkpoint, "global_step": trainer.state.global_step,
             "train_loss": result.training_loss, "final": final_dir, "student": student_dir,
             "log_history": trainer.state.log_history}
+
+
+def _place_teacher(wrapped, spec: DistributedSpec) -> None:
+    """The student is sharded by the Trainer (accelerate); the teacher, which it never sees, is placed here."""
+    if spec.teacher == "replicate":
+        return
+    if spec.strategy == "fsdp2":
+        wrapped.plugin.shard_teacher(spec.teacher)
+    elif spec.strategy == "zero3":
+        from .zero3 import partition_teacher
+
+        partition_teacher(wrapped, offload=spec.teacher == "offload")
+    else:
+        raise ConfigError(f"distributed.teacher={spec.teacher!r} needs strategy 'fsdp2' or 'zero3'")
 
 
 # ---------------------------------------------------------------------------- built-in builders

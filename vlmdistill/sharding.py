@@ -29,20 +29,25 @@ _BLOCK_LISTS = ("layers", "layer", "blocks", "h", "resblocks")
 
 # ------------------------------------------------------------------------------------------ block classes
 def block_classes(model: nn.Module) -> list[type]:
-    """The transformer block classes of `model`: the classes of `_no_split_modules` it really contains
-    (LLaVA lists classes of other checkpoints' towers), else the element classes of its block lists."""
-    present = {type(m).__name__: type(m) for m in model.modules()}
-    names = [n for n in (getattr(model, "_no_split_modules", None) or []) if n in present]
-    # Embedding modules are listed only to keep them whole on one device; as FSDP units they cost collectives
-    classes = [present[n] for n in names if "Embedding" not in n]
-    if classes:
-        return classes
-    found: dict[str, type] = {}
+    """The transformer block classes of `model`: the element classes of its lists of repeated blocks (decoder
+    and encoder layers), restricted to its `_no_split_modules` when it names them.
+
+    Not `_no_split_modules` as it is: it also lists embedding modules (kept whole for device maps; as FSDP units
+    they split accelerate's input-embedding unit, e.g. ViT's patch embedding inside `ViTEmbeddings`) and classes
+    the model does not contain (LLaVA names other checkpoints' vision towers, which accelerate refuses)."""
+    repeated: dict[str, type] = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_LISTS and len(module):
-            for block in module:
-                found.setdefault(type(block).__name__, type(block))
-    return list(found.values())
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            block = module[0]
+            if any(True for _ in block.parameters()):
+                repeated.setdefault(type(block).__name__, type(block))
+    named = set(getattr(model, "_no_split_modules", None) or [])
+    chosen = [cls for n, cls in repeated.items() if n in named]
+    if chosen:
+        return chosen
+    return [cls for n, cls in repeated.items()
+            if any(path.rsplit(".", 1)[-1] in _BLOCK_LISTS for path, m in model.named_modules()
+                   if isinstance(m, nn.ModuleList) and len(m) and type(m[0]) is cls)]
 
 
 def block_class_names(model: nn.Module) -> list[str]:

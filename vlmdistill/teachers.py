@@ -189,8 +189,8 @@ class EMATeacher:
         from .distributed import is_dtensor
 
         own = self.module.state_dict()
-        state = {k: _shard_like(own[k], v) if k in own and is_dtensor(own[k]) and not is_dtensor(v) else v
-                 for k, v in state.items()}
+        state = {k: _shard_like(own[k], v.reshape(own[k].shape))  # (a 0-dim value for a held 1-element one)
+                 if k in own and is_dtensor(own[k]) and not is_dtensor(v) else v for k, v in state.items()}
         self.module.load_state_dict(state)
 
 

@@ -200,6 +200,11 @@ class CCDPlugin(DistillationPlugin):
         state["center"] = self._centre.value
         return state
 
+    def hidden_modules(self) -> dict[str, nn.Module]:
+        if self._ema_backbone is None:
+            return {}
+        return {"teacher.": self._ema_backbone.module, "teacher_head.": self._ema_head.module}
+
     def load_hidden_state(self, state: dict[str, torch.Tensor]) -> None:
         expected = set(self.hidden_state())
         if set(state) != expected:

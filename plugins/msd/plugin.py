@@ -24,7 +24,7 @@ from vlmdistill.distributed import gathered_parameters
 from vlmdistill.teachers import EMATeacher, module_device
 
 from .config import TEMPERATURE_MAX, TEMPERATURE_MIN, MSDConfig
-from .embeddings import EmbeddingReader, model_logit_scale
+from .embeddings import EmbeddingReader, embedding_width, model_logit_scale
 from .loss import momentum_contrastive_rows
 from .queue import KeyQueues
 from .window import AccumulationWindow
@@ -74,6 +74,11 @@ class MSDPlugin(DistillationPlugin):
         if cfg.temperature is None and model_logit_scale(student) is None:
             raise UnsupportedModelError(
                 f"{type(student).__name__} has no logit_scale; set temperature (e.g. 0.07) for a plugin-owned one")
+        width = embedding_width(student, cfg.image_embeds_module)
+        if width is not None and cfg.queue_size:
+            reference = next(student.parameters())  # keys are fp32, or fp64 for a fp64 model
+            dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
+            self.queues.allocate(width, dtype, reference.device)
         # The teacher is copied before attach() so that it carries none of the plugin's hooks.
         ema = EMATeacher(student, buffers=cfg.ema_buffers)
         object.__setattr__(self, "_ema", ema)
@@ -219,6 +224,9 @@ class MSDPlugin(DistillationPlugin):
         state = {f"teacher.{k}": v for k, v in self._ema.state_dict().items()} if self._ema is not None else {}
         state.update(self.queues.state())
         return state
+
+    def hidden_modules(self) -> dict[str, nn.Module]:
+        return {"teacher.": self._ema.module} if self._ema is not None else {}
 
     def load_hidden_state(self, state: dict[str, torch.Tensor]) -> None:
         teacher = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}
