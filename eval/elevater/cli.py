@@ -339,7 +339,8 @@ def _evaluate(args, protocol, prepared: list) -> int:
     model = load_model(args.model, pretrained=args.pretrained, model_config=args.model_config, kind=args.model_kind,
                        device=args.device, random_weights=args.random_weights)
     fingerprint = model.pin_fingerprint()
-    label = args.run_label or default_run_label(model.name, model.pretrained, fingerprint, protocol.as_dict())
+    label = args.run_label or default_run_label(model.name, model.pretrained, fingerprint, protocol.as_dict(),
+                                                args.random_weights)
     results_dir = os.path.join(args.output_dir, "results")
     planned = {}
     for name, task, _ in prepared:

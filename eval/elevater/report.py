@@ -32,16 +32,17 @@ def run_label_of(result: dict) -> str:
     return result.get("run_label") or result["model"]   # records written before run labels existed
 
 
-def default_run_label(model_name: str, pretrained: str, fingerprint: str, protocol: dict) -> str:
+def default_run_label(model_name: str, pretrained: str, fingerprint: str, protocol: dict,
+                      random_weights: bool = False) -> str:
     """`<checkpoint name>-<8 hex>`: the name says which checkpoint, the hash (of the weights and of
     every protocol knob) tells apart two checkpoints of one name or one model under two protocols."""
     name = model_name
-    if pretrained and os.path.isfile(pretrained):
+    if random_weights:
+        name = f"{model_name}-random"
+    elif pretrained and os.path.isfile(pretrained):
         stem = os.path.splitext(os.path.basename(pretrained))[0]
         parent = os.path.basename(os.path.dirname(os.path.abspath(pretrained)))
         name = f"{model_name}-{parent if stem in _GENERIC_CHECKPOINT_NAMES else stem}"
-    elif not pretrained:
-        name = f"{model_name}-random"
     digest = hashlib.sha256(json.dumps({"weights": fingerprint, "protocol": protocol}, sort_keys=True).encode())
     return f"{slug(name)}-{digest.hexdigest()[:8]}"
 
