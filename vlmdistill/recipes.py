@@ -28,6 +28,7 @@ import yaml
 
 from .config import PluginConfig, _coerce, _type_name, option
 from .errors import ConfigError
+from .hf import from_local_folder
 
 _MODEL_BUILDERS: dict[str, Callable] = {}
 _DATA_BUILDERS: dict[str, Callable] = {}
@@ -98,13 +99,6 @@ def check_from_pretrained_kwargs(kwargs: dict[str, Any], where: str) -> None:
         if key not in FROM_PRETRAINED_KWARGS:
             raise ConfigError(f"{where}.kwargs.{key}: not an allowed from_pretrained argument; allowed: "
                               f"{', '.join(FROM_PRETRAINED_KWARGS)}")
-
-
-def from_local_folder(cls, path: str, *, role: str, **kwargs: Any):
-    """`cls.from_pretrained(path)` for a local folder only: no download, no model-folder code."""
-    if not os.path.isdir(path):
-        raise ConfigError(f"{role}: {path!r} is not a local folder (nothing is downloaded)")
-    return cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, **kwargs)
 
 
 @dataclasses.dataclass
@@ -286,6 +280,8 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
         teacher = recipe.teacher
     built = _lookup(_DATA_BUILDERS, recipe.data.builder, "data builder")(student, teacher, **recipe.data.kwargs)
     train_dataset, collator, wrap_kwargs = (*built, {}) if len(built) == 2 else built
+    # Generic builders offer every runtime object they have (tokenizers, fingerprints); each plugin takes its own.
+    wrap_kwargs = {k: v for k, v in wrap_kwargs.items() if k in plugin_cls.runtime_args}
     wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config,
                    on_nonfinite=recipe.on_nonfinite, **wrap_kwargs)
     trainer = DistillationTrainer(model=wrapped, args=args, train_dataset=train_dataset, data_collator=collator,
@@ -351,3 +347,22 @@ def _text_blocks(student, teacher, tokenizer: str, files: Optional[list[str]] = 
         return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
     return Blocks(), collate
+
+
+# ---------------------------------------------------------------------------- image-text pairs, open_clip
+@register_model_builder("open-clip")
+def _open_clip_model(**kwargs):
+    """An open_clip model from local files: `{model: NAME, checkpoint: FILE}`, `{config: JSON, checkpoint: FILE}`
+    or `{model: local-dir:FOLDER}` (see `vlmdistill.open_clip_models`)."""
+    from .open_clip_models import load_open_clip
+
+    return load_open_clip(**kwargs)
+
+
+@register_data_builder("image-text")
+def _image_text(student, teacher, **kwargs):
+    """Image–text pairs from an image folder with metadata.jsonl / metadata.csv or a `datasets` folder,
+    preprocessed for the student (and the teacher); see `vlmdistill.data.image_text.build_image_text`."""
+    from .data.image_text import build_image_text
+
+    return build_image_text(student, teacher, **kwargs)
