@@ -224,22 +224,6 @@ class CCDPlugin(DistillationPlugin):
                       fh, indent=2)
             fh.write("\n")
 
-    @classmethod
-    def load_student(cls, student: nn.Module | None, directory: str) -> nn.Module:
-        """Like the core loader, but tolerant of modules the saved student never had: rebuilding a transformers
-        model with `from_pretrained` uses default constructor arguments, so a `ViTModel(add_pooling_layer=False)`
-        comes back with a freshly initialised pooler. Those extra, not-loaded tensors are ignored."""
-        from transformers import PreTrainedModel
-
-        if isinstance(student, PreTrainedModel):
-            dtype = next(student.parameters()).dtype
-            loaded, info = type(student).from_pretrained(directory, dtype=dtype, output_loading_info=True)
-            own, saved = student.state_dict(), loaded.state_dict()
-            if set(own) <= set(saved) and set(saved) - set(own) <= set(info.get("missing_keys", ())):
-                student.load_state_dict({k: saved[k] for k in own})
-                return student
-        return super().load_student(student, directory)
-
     def extra_repr(self) -> str:
         kind = self.spec.kind if self.spec is not None else None
         return f"name={self.name!r}, backbone={kind}, out_dim={self.config.out_dim}"

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmdistill.errors import ConfigError, UnsupportedModelError
+from vlmdistill.errors import ConfigError, DataError, UnsupportedModelError
 from vlmdistill.hf import base_model
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
 from vlmdistill.teachers import has_active_adapters
@@ -221,6 +221,9 @@ class LinguDistillPlugin(DistillationPlugin):
         input_ids, labels = inputs.get("input_ids"), inputs["labels"]
         if input_ids is None:
             raise UnsupportedModelError("lingudistill needs input_ids (it finds the image tokens there)")
+        if labels.shape != input_ids.shape:
+            raise DataError(f"lingudistill: labels of shape {tuple(labels.shape)} do not fit input_ids of shape "
+                            f"{tuple(input_ids.shape)}; give one label per token (-100 where unsupervised)")
         device = input_ids.device
         kd_mask = sample_kd_mask(cfg, extras, input_ids.shape[0], device)
         if self._window is not None and input_ids.shape[1] > self._window:
