@@ -26,41 +26,41 @@ def text_config(hidden: int = 32, heads: int = 4, kv_heads: int = 2, layers: int
                 attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
 
 
-def tiny_llava(seed: int = 0, dtype=torch.float32, **text):
+def tiny_llava(seed: int = 0, dtype=torch.float32, image_token_id: int = IMAGE_TOKEN, **text):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                               image_size=16, patch_size=8, projection_dim=16)
     cfg = LlavaConfig(text_config=LlamaConfig(**text_config(**text)).to_dict(), vision_config=vision.to_dict(),
-                      image_token_id=IMAGE_TOKEN, projector_hidden_act="gelu", vision_feature_layer=-1,
+                      image_token_id=image_token_id, projector_hidden_act="gelu", vision_feature_layer=-1,
                       vision_feature_select_strategy="default")
     return LlavaForConditionalGeneration(cfg).to(dtype)
 
 
-def tiny_idefics3(seed: int = 0, dtype=torch.float32, **text):
+def tiny_idefics3(seed: int = 0, dtype=torch.float32, image_token_id: int = IMAGE_TOKEN, **text):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
 
     torch.manual_seed(seed)
     cfg = Idefics3Config(text_config=LlamaConfig(**text_config(**text)).to_dict(),
                          vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                             num_attention_heads=2, image_size=16, patch_size=4),
-                         image_token_id=IMAGE_TOKEN, scale_factor=2)
+                         image_token_id=image_token_id, scale_factor=2)
     return Idefics3ForConditionalGeneration(cfg).to(dtype)
 
 
-def tiny_smolvlm(seed: int = 0, dtype=torch.float32, **text):
+def tiny_smolvlm(seed: int = 0, dtype=torch.float32, image_token_id: int = IMAGE_TOKEN, **text):
     from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = SmolVLMConfig(text_config=LlamaConfig(**text_config(**text)).to_dict(),
                         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                            num_attention_heads=2, image_size=16, patch_size=4),
-                        image_token_id=IMAGE_TOKEN, scale_factor=2)
+                        image_token_id=image_token_id, scale_factor=2)
     return SmolVLMForConditionalGeneration(cfg).to(dtype)
 
 
-def tiny_qwen2_vl(seed: int = 0, dtype=torch.float32, hidden: int = 32, heads: int = 4, **text):
+def tiny_qwen2_vl(seed: int = 0, dtype=torch.float32, hidden: int = 32, heads: int = 4, ids=None, **text):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -70,7 +70,7 @@ def tiny_qwen2_vl(seed: int = 0, dtype=torch.float32, hidden: int = 32, heads: i
     cfg = Qwen2VLConfig(text_config=text_config(hidden=hidden, heads=heads, rope_parameters=rope, **text),
                         vision_config=dict(depth=1, embed_dim=16, hidden_size=hidden, num_heads=2, patch_size=4,
                                            spatial_merge_size=2, temporal_patch_size=2),
-                        **QWEN_IDS)
+                        **(ids or QWEN_IDS))
     return Qwen2VLForConditionalGeneration(cfg).to(dtype)
 
 
