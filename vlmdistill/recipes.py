@@ -185,6 +185,8 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
         teacher = recipe.teacher
     built = _lookup(_DATA_BUILDERS, recipe.data.builder, "data builder")(student, teacher, **recipe.data.kwargs)
     train_dataset, collator, wrap_kwargs = (*built, {}) if len(built) == 2 else built
+    # Generic builders offer every runtime object they have (tokenizers, fingerprints); each plugin takes its own.
+    wrap_kwargs = {k: v for k, v in wrap_kwargs.items() if k in plugin_cls.runtime_args}
     wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config, **wrap_kwargs)
     args = training_arguments(recipe)
     checkpoint = None
@@ -254,3 +256,22 @@ def _text_blocks(student, teacher, tokenizer: str, files: Optional[list[str]] = 
         return {k: torch.stack([it[k] for it in items]) for k in items[0]}
 
     return Blocks(), collate
+
+
+# ---------------------------------------------------------------------------- image-text pairs, open_clip
+@register_model_builder("open-clip")
+def _open_clip_model(**kwargs):
+    """An open_clip model from local files: `{model: NAME, checkpoint: FILE}`, `{config: JSON, checkpoint: FILE}`
+    or `{model: local-dir:FOLDER}` (see `vlmdistill.open_clip_models`)."""
+    from .open_clip_models import load_open_clip
+
+    return load_open_clip(**kwargs)
+
+
+@register_data_builder("image-text")
+def _image_text(student, teacher, **kwargs):
+    """Image–text pairs from an image folder with metadata.jsonl / metadata.csv or a `datasets` folder,
+    preprocessed for the student (and the teacher); see `vlmdistill.data.image_text.build_image_text`."""
+    from .data.image_text import build_image_text
+
+    return build_image_text(student, teacher, **kwargs)
