@@ -2,7 +2,7 @@
 
     vlmdistill plugins [-v]             installed plugins, one line each (-v: their config fields)
     vlmdistill train RECIPE.yaml [--set training.max_steps=10 ...] [--dry-run]
-    vlmdistill demo [PLUGIN] [-- demo arguments]
+    vlmdistill demo [PLUGIN] [-- demo arguments]     (default: lingudistill)
     vlmdistill eval elevater ...        zero-shot evaluation (see `vlmdistill eval elevater -h`)
 
 Plugins may add sub-commands through their `commands` attribute ({"name": "module:function"}).
@@ -19,7 +19,7 @@ from typing import Callable
 from .errors import VLMDistillError
 from .registry import get_plugin, list_plugins
 
-DEFAULT_DEMO = "kd"
+DEFAULT_DEMO = "lingudistill"
 
 
 def _resolve(target: str) -> Callable:

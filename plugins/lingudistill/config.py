@@ -32,7 +32,8 @@ class LinguDistillConfig(LogitDistillationConfig):
         "auto", "two-source attention of the text-only pass: 'triton' = the fused kernel, 'torch' = masked SDPA, "
                 "'auto' = Triton on CUDA when the shapes fit, torch otherwise")
     kd_by_default: bool = option(
-        True, "distil samples whose batch carries neither `kd_mask` nor `dataset`")
+        True, "distil samples whose batch carries neither `kd_mask` nor `dataset`, and samples whose `dataset` "
+              "entry is None (no category)")
     dataset_categories: dict[str, str] = option(
         default_factory=dict, help="dataset name (the batch's `dataset` entries) -> category, e.g. "
                                    "{'coco': 'captioning', 'docvqa': 'documents'}")

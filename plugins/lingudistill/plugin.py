@@ -30,9 +30,9 @@ from .attention import AttentionRouter, ForwardState
 from vlmdistill.vocab import shared_vocabulary
 
 from .compat import (check_architectures, check_attention_features, check_attention_implementation, head_dim,
-                     head_width)
+                     head_width, sliding_window)
 from .config import LinguDistillConfig
-from .families import family_of, text_decoder, visual_token_ids
+from .families import text_decoder, visual_token_ids
 from vlmdistill.losses import task_and_distill_sums
 from .layout import build_layout, distilled_rows, document_ids, prompt_mask
 from .loss import kd_sum, task_ce_sums
@@ -74,7 +74,7 @@ class LinguDistillPlugin(DistillationPlugin):
     config_class = LinguDistillConfig
     teacher_policy = "required"
     extra_inputs = ("kd_mask", "dataset")
-    runtime_args = ("student_tokenizer", "teacher_tokenizer")
+    runtime_args = ("student_tokenizer", "teacher_tokenizer", "student_processor")
     demo = "vlmdistill.eval.experiments.lingudistill:main"
 
     def __init__(self, config: LinguDistillConfig, **runtime: Any) -> None:
@@ -82,6 +82,8 @@ class LinguDistillPlugin(DistillationPlugin):
         self.router = AttentionRouter()
         self.shared_width: int | None = None
         self._visual_ids: torch.Tensor | None = None
+        self._teacher_readable = 0
+        self._window: int | None = None
         self._teacher_lm: TeacherLM | None = None
         self._student_decoder: nn.Module | None = None
         self._attn_restore: list[tuple[nn.Module, dict]] = []
@@ -97,7 +99,6 @@ class LinguDistillPlugin(DistillationPlugin):
         if self._teacher_is_student_base and not cfg.detach_shared_kv:
             raise ConfigError("detach_shared_kv=False needs a separate teacher: with teacher='base' the KD gradient "
                               "would run through the student's own (base) weights")
-        family = family_of(student)
         decoder = text_decoder(student)
         s_config = decoder.config
         check_attention_features(s_config, "student")
@@ -108,13 +109,25 @@ class LinguDistillPlugin(DistillationPlugin):
         check_attention_features(t_config, "teacher")
         check_attention_implementation(t_config, "teacher")
         check_architectures(s_config, t_config)
+        processor = self.runtime.get("student_processor")
+        s_tok = self.runtime.get("student_tokenizer") or getattr(processor, "tokenizer", None)
+        t_tok = self.runtime.get("teacher_tokenizer")
         student_head = base_model(student).get_output_embeddings()
-        self.shared_width = shared_vocabulary(
-            head_width(student_head), teacher_lm.vocab_size,
-            student_tokenizer=self.runtime.get("student_tokenizer"),
-            teacher_tokenizer=self.runtime.get("teacher_tokenizer"), trust_prefix=cfg.trust_vocab_prefix)
-        ids = visual_token_ids(student, family, self.runtime.get("student_tokenizer")) | set(cfg.extra_shared_token_ids)
+        self.shared_width = shared_vocabulary(head_width(student_head), teacher_lm.vocab_size,
+                                              student_tokenizer=s_tok, teacher_tokenizer=t_tok,
+                                              trust_prefix=cfg.trust_vocab_prefix)
+        ids = visual_token_ids(student, s_tok, processor) | set(cfg.extra_shared_token_ids)
+        if not ids:
+            raise UnsupportedModelError(
+                f"{type(base_model(student)).__name__}.config names no image or video token id (no "
+                "`*image*_token_id` / `*_token_index` attribute) and no processor was given: lingudistill shares the "
+                "student's K/V at those positions. Pass student_processor=, or extra_shared_token_ids; for a "
+                "text-only student use plugin='kd'")
         self._visual_ids = torch.tensor(sorted(ids), dtype=torch.long)
+        # Ids past the teacher's tokenizer are padding rows of its head: the teacher cannot read those tokens.
+        self._teacher_readable = min(teacher_lm.vocab_size, len(t_tok)) if t_tok is not None else teacher_lm.vocab_size
+        windows = [w for w in (sliding_window(s_config), sliding_window(t_config)) if w is not None]
+        self._window = min(windows) if windows else None
         if cfg.kernel == "triton":
             self._check_triton(s_config, teacher_lm)
         self._teacher_lm = teacher_lm
@@ -213,7 +226,12 @@ class LinguDistillPlugin(DistillationPlugin):
                             f"{tuple(input_ids.shape)}; give one label per token (-100 where unsupervised)")
         device = input_ids.device
         kd_mask = sample_kd_mask(cfg, extras, input_ids.shape[0], device)
-        unreadable = torch.isin(input_ids, self._visual_ids.to(device)) | (input_ids >= self._teacher_lm.vocab_size)
+        if self._window is not None and input_ids.shape[1] > self._window:
+            raise UnsupportedModelError(
+                f"lingudistill: the language model attends within a sliding window of {self._window} tokens and this "
+                f"batch has {input_ids.shape[1]} positions; the teacher pass is fully causal, which equals the window "
+                "only on sequences no longer than it. Truncate to the window")
+        unreadable = torch.isin(input_ids, self._visual_ids.to(device)) | (input_ids >= self._teacher_readable)
         attention_mask = inputs.get("attention_mask")
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         use_cache = inputs.get("use_cache")
