@@ -43,6 +43,9 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     if args.dry_run:
+        from .recipes import training_arguments
+
+        training_arguments(recipe)  # TrainingArguments' own cross-field checks, without building any model
         print(json.dumps(recipe.to_dict(), indent=2, default=str))
         return 0
     summary = run_recipe(recipe)
