@@ -43,6 +43,10 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     if args.dry_run:
+        from .recipes import check_recipe
+
+        for line in check_recipe(recipe):
+            print(line)
         print(json.dumps(recipe.to_dict(), indent=2, default=str))
         return 0
     summary = run_recipe(recipe)
