@@ -229,3 +229,21 @@ def test_nonfinite_policy_survives_save_and_load(tmp_path):
     wrapped.save_pretrained(str(tmp_path / "saved"))
     student, teacher = _fresh(case)
     assert vlmdistill.load(str(tmp_path / "saved"), model=student, teacher=teacher).on_nonfinite == "skip"
+
+
+def test_a_plugin_state_that_does_not_fit_leaves_nothing_attached(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    case = load_case("lingudistill")
+    directory = _saved(case, "lingudistill", tmp_path)
+    path = os.path.join(directory, PLUGIN_STATE_NAME)
+    good = load_file(path)
+    save_file({**good, "global_step": torch.zeros(3, dtype=torch.long)}, path, metadata={"plugin": "lingudistill"})
+    student, teacher = _fresh(case)
+    attention = (student.config.get_text_config()._attn_implementation, teacher.config._attn_implementation)
+    with pytest.raises(DataError, match="does not fit the 'lingudistill' plugin"):
+        vlmdistill.load(directory, model=student, teacher=teacher, **case.runtime)
+    assert (student.config.get_text_config()._attn_implementation, teacher.config._attn_implementation) == attention
+    save_file(good, path, metadata={"plugin": "lingudistill"})
+    # the same student and teacher load again: the failed attempt left neither attached
+    vlmdistill.load(directory, model=student, teacher=teacher, **case.runtime)

@@ -4,24 +4,31 @@
     config: {alpha: 0.5, temperature: 2.0}       # the plugin's typed config
     student: {path: runs/student, auto_class: AutoModelForCausalLM}
     teacher: {path: runs/teacher}                 # or "base" (PEFT student), or omitted
-    data: {builder: stdlib-text, kwargs: {tokenizer: runs/tokenizer, block: 64}}
+    data: {builder: text-blocks, kwargs: {tokenizer: runs/tokenizer, block: 64}}
     training: {max_steps: 200, per_device_train_batch_size: 16, learning_rate: 3.0e-4}
     output_dir: runs/kd-recipe
 
-YAML is read with `yaml.safe_load`, and names in a recipe select from fixed sets only (registered
-builders, transformers model classes), so a recipe can never import or call arbitrary code.
+YAML is read with a safe loader (numbers such as `3e-4` read as numbers, as in YAML 1.2), and names in a recipe
+select from fixed sets only (registered builders, transformers model classes); keyword arguments to
+`from_pretrained` come from an allow-list that excludes anything able to run model-folder code or reach the
+network. So a recipe can never import or call arbitrary code. Every section is typed: the plugin config by the
+plugin, `training:` against `transformers.TrainingArguments`, both at load time (and so in `--dry-run`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
+import re
+import typing
 from typing import Any, Callable, Literal, Optional, Union
 
 import yaml
 
-from .config import PluginConfig, option
+from .config import PluginConfig, _coerce, _type_name, option
 from .errors import ConfigError
+from .hf import from_local_folder
 
 _MODEL_BUILDERS: dict[str, Callable] = {}
 _DATA_BUILDERS: dict[str, Callable] = {}
@@ -61,6 +68,49 @@ def _lookup(table: dict, name: str, what: str):
     return table[name]
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that also reads exponent floats without a dot (`3e-4`, `1E5`) as floats. PyYAML follows
+    YAML 1.1, which reads them as strings; a learning rate written that way would otherwise crash the optimiser."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def read_yaml(text_or_stream) -> Any:
+    return yaml.load(text_or_stream, Loader=RecipeLoader)
+
+
+#: `from_pretrained` keyword arguments a recipe may set: none of them runs code or reaches the network
+FROM_PRETRAINED_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "low_cpu_mem_usage", "device_map",
+                          "max_memory", "subfolder", "variant", "use_safetensors", "ignore_mismatched_sizes",
+                          "offload_folder", "tie_word_embeddings")
+_REFUSED_KWARGS = {
+    "trust_remote_code": "it imports and runs Python files shipped in the model folder",
+    "code_revision": "it selects model-folder code to run",
+    "revision": "it selects a version on a model hub (network)",
+    "token": "it authenticates to a model hub (network)",
+    "use_auth_token": "it authenticates to a model hub (network)",
+    "force_download": "it downloads",
+    "proxies": "it configures downloads",
+    "cache_dir": "it points at a download cache; give the model folder as `path`",
+    "local_files_only": "recipes always load local files only",
+}
+
+
+def check_from_pretrained_kwargs(kwargs: dict[str, Any], where: str) -> None:
+    for key in kwargs:
+        if key in _REFUSED_KWARGS:
+            raise ConfigError(f"{where}.kwargs.{key}: refused, because {_REFUSED_KWARGS[key]}. A recipe never runs "
+                              "model-folder code or reaches the network; load such a model in Python and call "
+                              "vlmdistill.wrap yourself")
+        if key not in FROM_PRETRAINED_KWARGS:
+            raise ConfigError(f"{where}.kwargs.{key}: not an allowed from_pretrained argument; allowed: "
+                              f"{', '.join(FROM_PRETRAINED_KWARGS)}")
+
+
 @dataclasses.dataclass
 class LoraSpec(PluginConfig):
     r: int = option(8, "LoRA rank", ge=1)
@@ -71,7 +121,7 @@ class LoraSpec(PluginConfig):
 
 @dataclasses.dataclass
 class ModelSpec(PluginConfig):
-    builder: Optional[str] = option(None, "a registered model builder (see `vlmdistill plugins --builders`)")
+    builder: Optional[str] = option(None, "a registered model builder")
     path: Optional[str] = option(None, "local folder of a transformers model (saved with save_pretrained)")
     auto_class: Optional[str] = option(
         None, "transformers class used to load `path` (an Auto* class or a model class such as "
@@ -86,6 +136,8 @@ class ModelSpec(PluginConfig):
         super().validate(where)
         if (self.builder is None) == (self.path is None):
             raise ConfigError(f"{where or 'model'}: give exactly one of `builder` or `path`")
+        if self.path is not None:
+            check_from_pretrained_kwargs(self.kwargs, where or "model")
 
 
 @dataclasses.dataclass
@@ -105,9 +157,16 @@ class Recipe(PluginConfig):
     config: dict[str, Any] = option(default_factory=dict, help="the plugin's config (checked by the plugin)")
     training: dict[str, Any] = option(default_factory=dict, help="transformers.TrainingArguments fields")
     output_dir: str = option("runs/recipe", "where checkpoints, the final wrapper and the exported student go")
-    resume: Union[bool, Literal["auto"]] = option(
-        "auto", "'auto': continue from the last checkpoint in output_dir if there is one; true: require one")
+    resume: Union[bool, Literal["auto", "force"]] = option(
+        "auto", "'auto': continue the run in output_dir if it ran this same recipe; true: require such a run; "
+                "'force': continue it even though the recipe changed; false: refuse an output_dir holding a run")
     seed: int = option(0, "random seed for model building and training")
+    on_nonfinite: Literal["raise", "skip"] = option(
+        "raise", "a NaN/inf loss term stops the run naming the term and step ('raise'), or drops that step ('skip')")
+
+    def validate(self, where=None):
+        super().validate(where)
+        self.training = check_training_fields(self.training, f"{where or 'recipe'}.training")
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
@@ -116,7 +175,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
         raise ConfigError(f"recipe {path} does not exist")
     with open(path) as fh:
         try:
-            values = yaml.safe_load(fh) or {}
+            values = read_yaml(fh) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(values, dict):
@@ -131,7 +190,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a mapping")
-        target[parts[-1]] = yaml.safe_load(raw)
+        target[parts[-1]] = read_yaml(raw)
     recipe = Recipe.from_dict(values, where=os.path.basename(path))
     from .api import build_config
     from .registry import get_plugin
@@ -149,7 +208,8 @@ def build_model(spec: ModelSpec, *, role: str):
         from .checkpoints import model_class
 
         cls, _ = model_class(spec.path, spec.auto_class, role)
-        model = cls.from_pretrained(spec.path, **spec.kwargs)
+        check_from_pretrained_kwargs(spec.kwargs, role)
+        model = from_local_folder(cls, spec.path, role=f"{role}.path", **spec.kwargs)
     if spec.lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -159,23 +219,52 @@ def build_model(spec: ModelSpec, *, role: str):
     return model
 
 
-def training_arguments(recipe: Recipe):
+def check_training_fields(training: dict[str, Any], where: str = "training") -> dict[str, Any]:
+    """Names and types of `training:` checked against `TrainingArguments` (without building it)."""
     from transformers import TrainingArguments
 
-    valid = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    unknown = sorted(set(recipe.training) - valid)
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    hints = typing.get_type_hints(TrainingArguments)
+    unknown = sorted(set(training) - set(fields))
     if unknown:
-        raise ConfigError(f"training: unknown TrainingArguments field(s) {unknown}")
-    if "output_dir" in recipe.training:
-        raise ConfigError("training.output_dir: set the recipe's top-level output_dir instead")
+        raise ConfigError(f"{where}: unknown TrainingArguments field(s) {unknown}. Valid fields: "
+                          f"{', '.join(sorted(fields))}")
+    if "output_dir" in training:
+        raise ConfigError(f"{where}.output_dir: set the recipe's top-level output_dir instead")
+    return {name: _coerce_training_value(value, hints[name], f"{where}.{name}") for name, value in training.items()}
+
+
+def _coerce_training_value(value: Any, tp: Any, where: str) -> Any:
+    # transformers' choice fields are `SomeEnum | str`: a plain `str` would accept any typo, so check the choices.
+    choices = [arg for arg in typing.get_args(tp) if isinstance(arg, type) and issubclass(arg, enum.Enum)]
+    if choices and isinstance(value, str):
+        valid = [member.value for member in choices[0]]
+        if value not in valid:
+            raise ConfigError(f"{where}: {value!r} is not one of {valid}")
+        return value
+    if tp in (float, Optional[float]) and isinstance(value, str):
+        raise ConfigError(f"{where}: expected a number, got the string {value!r}")
+    try:
+        return _coerce(value, tp, where)
+    except ConfigError:
+        raise ConfigError(f"{where}: {value!r} ({type(value).__name__}) does not match {_type_name(tp)}") from None
+
+
+def training_arguments(recipe: Recipe):
+    """The run's `TrainingArguments`; their own cross-field checks become `ConfigError`s."""
+    from transformers import TrainingArguments
+
+    training = check_training_fields(recipe.training)
     # Builders' datasets hand raw columns (conversations, images) to their collators: the Trainer must keep them.
     defaults = {"report_to": [], "save_strategy": "steps", "save_steps": 100, "logging_steps": 10,
                 "seed": recipe.seed, "use_cpu": not _cuda_available(), "remove_unused_columns": False}
     if recipe.eval_data is not None:  # evaluate at every checkpoint; the loss only, never gathered logits
-        defaults.update(eval_strategy="steps", eval_steps=recipe.training.get("save_steps", 100),
-                        prediction_loss_only=True)
-    return TrainingArguments(output_dir=os.path.join(recipe.output_dir, "checkpoints"),
-                             **{**defaults, **recipe.training})
+        defaults.update(eval_strategy="steps", eval_steps=training.get("save_steps", 100), prediction_loss_only=True)
+    try:
+        return TrainingArguments(output_dir=os.path.join(recipe.output_dir, "checkpoints"),
+                                 **{**defaults, **training})
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"training: {exc}") from None
 
 
 @dataclasses.dataclass
@@ -272,15 +361,22 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def run_recipe(recipe: Recipe) -> dict[str, Any]:
-    """Build, wrap and train; write the final wrapper and the exported student. Returns a summary."""
+def run_recipe(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
+    """Build, wrap and train; write the final wrapper and the exported student. Returns a summary.
+
+    Rerun into the same output_dir, it resumes the same recipe from its last whole checkpoint, and returns the
+    stored summary (training nothing) when that run already finished. `callbacks`: extra `TrainerCallback`s."""
     import torch
-    from transformers.trainer_utils import get_last_checkpoint
 
     from .api import unwrap, wrap
     from .registry import get_plugin
+    from .runs import finish_run, plan_run
 
     plugin_cls = get_plugin(recipe.plugin)  # importing the plugin registers its builders
+    args = training_arguments(recipe)
+    plan = plan_run(recipe, args.output_dir)
+    if plan.finished is not None:
+        return plan.finished
     torch.manual_seed(recipe.seed)
     student = build_model(recipe.student, role="student")
     if isinstance(recipe.teacher, ModelSpec):
@@ -294,25 +390,23 @@ def run_recipe(recipe: Recipe) -> dict[str, Any]:
         eval_dataset, eval_collator, _ = build_data(recipe.eval_data, student, teacher, folders.offer(plugin_cls.name))
     # Generic builders offer every runtime object they have (tokenizers, fingerprints); each plugin takes its own.
     wrap_kwargs = {k: v for k, v in {**folders.runtime(), **wrap_kwargs}.items() if k in plugin_cls.runtime_args}
-    wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config, **wrap_kwargs)
-    args = training_arguments(recipe)
-    checkpoint = None
-    if recipe.resume:
-        checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if recipe.resume is True and checkpoint is None:
-            raise ConfigError(f"resume: true, but {args.output_dir} holds no checkpoint")
+    wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config,
+                   on_nonfinite=recipe.on_nonfinite, **wrap_kwargs)
     trainer = _recipe_trainer_class()(model=wrapped, args=args, train_dataset=train_dataset,
-                                      eval_dataset=eval_dataset, data_collator=collator, eval_collator=eval_collator)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+                                      eval_dataset=eval_dataset, data_collator=collator, eval_collator=eval_collator,
+                                      callbacks=list(callbacks or []))
+    result = trainer.train(resume_from_checkpoint=plan.checkpoint)
     final_dir = os.path.join(recipe.output_dir, "final")
     wrapped.save_pretrained(final_dir)
     student_dir = os.path.join(recipe.output_dir, "student")
     wrapped.plugin.save_student(unwrap(wrapped), student_dir)
     if folders.student_processor is not None:  # tokenizer, image processor and chat template, as trained with
         folders.student_processor.save_pretrained(student_dir)
-    return {"resumed_from": checkpoint, "global_step": trainer.state.global_step,
-            "train_loss": result.training_loss, "final": final_dir, "student": student_dir,
-            "log_history": trainer.state.log_history}
+    summary = {"resumed_from": plan.checkpoint, "global_step": trainer.state.global_step,
+               "train_loss": result.training_loss, "final": final_dir, "student": student_dir,
+               "log_history": trainer.state.log_history}
+    finish_run(recipe, summary)
+    return summary
 
 
 def _recipe_trainer_class():
@@ -362,9 +456,7 @@ def _text_blocks(student, teacher, tokenizer: str, files: Optional[list[str]] = 
     from .data.text import pack_examples, split_by_module, stdlib_docstrings
     from .errors import DataError
 
-    if not os.path.isdir(tokenizer):
-        raise ConfigError(f"data.kwargs.tokenizer {tokenizer!r} is not a local folder")
-    tok = AutoTokenizer.from_pretrained(tokenizer)
+    tok = from_local_folder(AutoTokenizer, tokenizer, role="data.kwargs.tokenizer")
     if files:
         texts = []
         for path in files:

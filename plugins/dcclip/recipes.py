@@ -12,7 +12,6 @@ recipe's data (every augmentation seed) and writes the cache to `config.teacher_
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Optional
 
 from vlmdistill.errors import ConfigError
@@ -22,9 +21,9 @@ from vlmdistill.recipes import register_data_builder, register_model_builder
 def _tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(path):
-        raise ConfigError(f"tokenizer {path!r} is not a local folder (nothing is downloaded)")
-    return AutoTokenizer.from_pretrained(path)
+    from vlmdistill.hf import from_local_folder
+
+    return from_local_folder(AutoTokenizer, path, role="tokenizer")
 
 
 @register_model_builder("dcclip-hf-clip")

@@ -185,9 +185,9 @@ def model_image_size(model: Any) -> Optional[tuple[int, int]]:
 def load_image_processor(path: str) -> Any:
     from transformers import AutoImageProcessor
 
-    if not os.path.isdir(path):
-        raise ConfigError(f"image_processor {path!r} is not a local folder (nothing is downloaded)")
-    return AutoImageProcessor.from_pretrained(path)
+    from ..hf import from_local_folder
+
+    return from_local_folder(AutoImageProcessor, path, role="image_processor")
 
 
 def _has_image_processor(folder: Optional[str]) -> bool:
@@ -296,11 +296,11 @@ def load_text_tokenizer(model: Any, path: Optional[str], *, role: str):
     path = path or model_folder(model)
     if path is None:
         raise ConfigError(f"the {role} needs a tokenizer: set tokenizer= to a local tokenizer folder")
-    if not os.path.isdir(path):
-        raise ConfigError(f"{role} tokenizer {path!r} is not a local folder (nothing is downloaded)")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    from ..hf import from_local_folder
+
+    return from_local_folder(AutoTokenizer, path, role=f"{role} tokenizer")
 
 
 # --------------------------------------------------------------------------- sample keys
