@@ -42,13 +42,20 @@ def model_class(path: str, auto_class: str | None, role: str) -> tuple[type, str
             raise ConfigError(f"{role}.auto_class {auto_class!r} is not a transformers model class")
         return cls, "auto_class"
     config = read_config(path, role)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    kind = config.get("model_type")
+    if kind not in CONFIG_MAPPING_NAMES:
+        code = " its auto_map points at Python files in the folder, and" if config.get("auto_map") else ""
+        raise ConfigError(f"{role}.path {path!r}: model_type {kind!r} is not a transformers model type;{code} "
+                          "recipes never run model-folder code (trust_remote_code is refused). Load such a model in "
+                          "Python and call vlmdistill.wrap yourself")
     for name in config.get("architectures") or []:
         cls = getattr(transformers, name, None)
         if cls is not None and hasattr(cls, "from_pretrained"):
             return cls, "config.json architectures"
     from transformers.models.auto import modeling_auto
 
-    kind = config.get("model_type")
     for auto, table in AUTO_MAPPINGS:
         name = getattr(modeling_auto, table).get(kind)
         if isinstance(name, str) and hasattr(transformers, name):
