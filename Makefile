@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install demo demo-kd test test-slow test-all bench clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 
 install: $(STAMP)
 
-## The main job: the kd demo (teacher trained on real text, student with vs without distillation)
+## The main job: the lingudistill demo, quick form (one seed at full scale; prints the recovery table)
 demo: $(STAMP)
+	$(BIN)/vlmdistill demo lingudistill -- --quick
+
+## The kd demo (teacher trained on real text, student with vs without distillation)
+demo-kd: $(STAMP)
 	$(BIN)/vlmdistill demo kd
 
 ## Fast test suite (tests marked slow are skipped)

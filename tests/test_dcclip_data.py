@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from vlmdistill.data.image_text import decode_keys
 from vlmdistill.errors import DataError
 from vlmdistill.plugins.dcclip.data import (ClipImageTransform, ImageTextCollator, ImageTextSample, ImageTextShards,
                                             write_image_text_shards)
@@ -67,7 +68,7 @@ def test_mixed_english_chinese_batch_collation(shards, tokenizer):
     assert {it["language"] for it in items} == {"en", "zh"}
     batch = ImageTextCollator(tokenizer.pad_token_id, keep_metadata=True)(items)
     assert batch["pixel_values"].shape == (4, 3, 16, 16)
-    assert batch["sample_key"] == [it["sample_key"] for it in items]
+    assert decode_keys(batch["sample_key"]) == [it["sample_key"] for it in items]  # bytes: a tensor
     assert batch["language"] == [it["language"] for it in items]
     assert batch["augmentation_seed"].tolist() == [0, 0, 0, 0]
     lengths = [len(it["input_ids"]) for it in items]

@@ -82,3 +82,18 @@ def test_train_recipe_runs_both_stages_from_the_cache(recipe_path, tmp_path):
 def test_demo_recipe_is_valid():
     recipe = load_recipe(os.path.join(REPO, "configs", "dcclip", "demo.yaml"))
     assert recipe.plugin == "dcclip" and recipe.config["switch_at_step"] * 2 == recipe.training["max_steps"]
+
+
+def test_shard_pipeline_takes_the_students_image_size(recipe_path, tmp_path):
+    """The recipe data used to default to 24 px whatever the student took (a crash at step 1 for a 16-px model)."""
+    from vlmdistill.errors import ConfigError
+    from vlmdistill.plugins.dcclip.recipes import build_image_text
+
+    recipe = yaml.safe_load(open(recipe_path))
+    kwargs = {k: v for k, v in recipe["data"]["kwargs"].items() if k != "image_size"}
+    student = tiny_hf_clip(hidden=16, layers=1, patch=8, image_size=16, vocab=300)
+    dataset, collate, _ = build_image_text(student, None, **kwargs)
+    batch = collate([next(iter(dataset)) for _ in range(2)])
+    assert batch["pixel_values"].shape[-2:] == (16, 16) and batch["input_ids"].shape[1] == 32
+    with pytest.raises(ConfigError, match="takes 16x16 images but image_size gives 24x24"):
+        build_image_text(student, None, **kwargs, image_size=24)

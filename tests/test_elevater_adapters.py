@@ -126,3 +126,29 @@ def test_generic_model_with_get_feature_methods():
     assert adapter.fingerprint() != fingerprint
     with pytest.raises(UnsupportedModelError, match="image_size"):
         adapters.adapter_for(model, tokenize)
+
+
+def test_random_weights_are_refused_unless_asked_for(tmp_path):
+    with pytest.raises(ConfigError, match="randomly initialised.*--random-weights"):
+        adapters.load_model("ViT-B-32")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPEN_CLIP_CONFIG,
+                                                                "preprocess_cfg": {}}))
+    with pytest.raises(DataError, match="no weights file"):
+        adapters.load_model(str(tmp_path))
+    torch.manual_seed(0)
+    first = adapters.load_model(str(tmp_path), random_weights=True)
+    assert first.kind == "open_clip"
+    with pytest.raises(ConfigError, match="contradict"):
+        adapters.load_model("ViT-B-32", pretrained=str(tmp_path / "x.pt"), random_weights=True)
+
+
+def test_parameter_counts_count_the_image_tower(tmp_path):
+    save_tiny_hf_model(str(tmp_path), "clip", TEXTS)
+    hf = adapters.load_model(str(tmp_path))
+    vision = sum(p.numel() for p in hf.model.vision_model.parameters()) + hf.model.visual_projection.weight.numel()
+    counts = hf.parameter_counts()
+    assert counts == {"num_params": sum(p.numel() for p in hf.model.parameters()), "num_visual_params": vision,
+                      "num_backbone_params": counts["num_params"]}
+    model, tokenizer = tiny_open_clip()
+    assert adapters.adapter_for(model, tokenizer).parameter_counts()["num_visual_params"] == sum(
+        p.numel() for p in model.visual.parameters())

@@ -1,4 +1,4 @@
-"""End to end: oracle scores, classifier cache, protocols, result records, reports and the CLI."""
+"""End to end: oracle scores, classifier cache, protocols, per-dataset transforms, result records and reports."""
 
 import csv
 import json
@@ -11,12 +11,10 @@ import torch
 from vlmdistill.eval.elevater import dataset_writers as writers
 from vlmdistill.eval.elevater import evaluate_zero_shot, get_protocol, get_task, read_dataset
 from vlmdistill.eval.elevater.adapters import adapter_for
-from vlmdistill.eval.elevater.cli import main as cli_main
 from vlmdistill.eval.elevater.demo import DIGIT_NAMES, digits_images, digits_task
-from vlmdistill.eval.elevater.report import plot_results, write_result_json, write_summary
+from vlmdistill.eval.elevater.report import PREDICTION_KEYS, plot_results, write_result_json, write_summary
 from vlmdistill.eval.elevater.tasks import TaskSpec
-from vlmdistill.eval.elevater.testing import (TINY_OPEN_CLIP_CONFIG, oracle_adapter, stripe_image,
-                                              tiny_open_clip)
+from vlmdistill.eval.elevater.testing import oracle_adapter, stripe_image, tiny_open_clip
 
 CLIP_BENCHMARK_KEYS = {"dataset", "model", "pretrained", "task", "language", "metrics"}
 
@@ -139,9 +137,15 @@ def test_result_json_summary_chart_and_predictions(tmp_path, digits_dir):
     assert loaded["data"]["reader"] == "iris" and loaded["num_samples"] == len(data) == 40
     assert loaded["runtime_s"]["total"] > 0
     record = json.loads(predictions.read_text())
-    assert np.array(record["test_predictions"]).shape == (40, 10)
-    assert np.allclose(np.array(record["test_predictions"]).sum(1), 1.0, atol=1e-4)   # softmax rows
-    assert record["image_labels"] == [lab[0] for lab in data.labels]
+    assert tuple(record) == PREDICTION_KEYS                  # the toolkit's keys only: the scores once
+    scores = np.array(record["predictions"])
+    assert scores.shape == (1, 40, 10) and np.allclose(scores.sum(-1), 1.0, atol=1e-4)   # softmax rows
+    assert np.all(np.round(scores, 6) == scores)
+    assert record["dataset_name"] == "digits" and record["model_name"] == "tiny" == loaded["run_label"]
+    assert (record["n_shot"], record["rnd_seeds"], record["num_trainable_params"]) == (0, [0], 0)
+    assert record["num_params"] == record["num_backbone_params"] == sum(p.numel() for p in model.parameters())
+    assert record["num_visual_params"] == sum(p.numel() for p in model.visual.parameters()) < record["num_params"]
+    assert np.mean(scores[0].argmax(1) == [lab[0] for lab in data.labels]) == pytest.approx(loaded["metrics"]["acc1"])
     csv_path, md_path = write_summary([result], str(tmp_path))
     rows = list(csv.DictReader(open(csv_path)))
     assert rows[0]["dataset"] == "digits" and float(rows[0]["score"]) == pytest.approx(100 * result["primary_value"], abs=0.01)
@@ -156,39 +160,18 @@ def test_summary_averages_the_benchmark_datasets_only():
                 "primary_metric": "acc1", "primary_value": value, "metrics": {"acc1": value},
                 "elevater_metric": "accuracy", "elevater_metric_value": value, "num_samples": 10}
 
-    from vlmdistill.eval.elevater.report import summary_rows
+    from vlmdistill.eval.elevater.report import comparison_table, summary_rows
 
     rows = summary_rows([fake("cifar-10", 0.5), fake("mnist", 0.7), fake("imagenet-1k", 0.1)])
     average = [r for r in rows if r["dataset"].startswith("ELEVATER average")]
     assert average[0]["dataset"] == "ELEVATER average (2/20)" and average[0]["score"] == "60.00"
-
-
-def test_cli_end_to_end_with_custom_open_clip_checkpoint(tmp_path, digits_dir, capsys):
-    model, _ = tiny_open_clip(seed=1)
-    checkpoint = tmp_path / "model.pt"
-    torch.save(model.state_dict(), checkpoint)
-    config = tmp_path / "tiny.json"
-    config.write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
-    (tmp_path / "tasks.yaml").write_text(
-        "tasks:\n  digits:\n    classnames: [zero, one, two, three, four, five, six, seven, eight, nine]\n"
-        "    templates: ['a photo of the digit {}.']\n    templates_zh: ['数字{}的照片']\n")
-    out = tmp_path / "out"
-    common = ["--model", "tiny-cli", "--model-config", str(config), "--pretrained", str(checkpoint),
-              "--data-root", str(digits_dir), "--datasets", "digits", "--tasks-yaml", str(tmp_path / "tasks.yaml"),
-              "--output-dir", str(out), "--batch-size", "16", "--no-progress"]
-    assert cli_main(common + ["--save-predictions"]) == 0
-    assert cli_main(common + ["--protocol", "cnclip_zh"]) == 0     # label_cn.txt found next to the data
-    results = sorted(os.listdir(out / "results"))
-    assert results == ["tiny-cli__digits__en.json", "tiny-cli__digits__zh.json"]
-    chinese = json.loads((out / "results" / results[1]).read_text(encoding="utf-8"))
-    assert chinese["language"] == "zh" and chinese["protocol"]["name"] == "cnclip_zh"
-    assert os.path.isfile(out / "summary.csv") and os.path.isfile(out / "zero_shot.png")
-    summary = list(csv.DictReader(open(out / "summary.csv", encoding="utf-8")))
-    assert [(r["dataset"], r["language"]) for r in summary] == [("digits", "en"), ("digits", "zh")]
-    assert os.listdir(out / "predictions") == ["digits_en_elevater_predictions.json"]
-    assert "digits" in capsys.readouterr().out
-    assert cli_main(["--model", "tiny-cli", "--data-root", str(tmp_path / "missing"), "--datasets", "x",
-                     "--no-progress"]) == 2
+    header, table = comparison_table([fake("cifar-10", 0.5), fake("imagenet-1k", 0.1),
+                                      {**fake("mnist", 0.2), "run_label": "other"}])
+    assert header == ["dataset", "metric", "m [en, elevater]", "other [en, elevater]"]
+    assert table == [["cifar-10", "accuracy", "50.00", ""], ["mnist", "accuracy", "", "20.00"],
+                     ["imagenet-1k", "accuracy", "10.00", ""],
+                     ["ELEVATER average", "primary", "50.00 (1/20)", "20.00 (1/20)"]]
+    assert comparison_table([fake("imagenet-1k", 0.1)])[1] == [["imagenet-1k", "accuracy", "10.00"]]   # no average
 
 
 def test_in_memory_digits_score_like_the_same_images_on_disk(tmp_path):
@@ -205,37 +188,41 @@ def test_in_memory_digits_score_like_the_same_images_on_disk(tmp_path):
     assert in_memory["metrics"] == on_disk["metrics"] and in_memory["num_samples"] == 60
 
 
-def test_cli_finds_registered_layouts_and_webdataset_tasks(tmp_path):
-    """Registered datasets under their toolkit folder names with their own index files, a CLIP_benchmark
-    webdataset that brings its own class names and templates, and a transformers model folder."""
-    from vlmdistill.eval.elevater.testing import save_tiny_hf_model
+def test_each_dataset_gets_the_toolkits_test_transform():
+    """kitti-distance.yaml sets CENTER_CROP false: its wide images are squashed whole to a square; every
+    other dataset keeps the shorter-side resize and centre crop. Both bicubic, references built with PIL."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
 
-    images, labels = digits_images(size=32)
-    picks = [int(i) for i in np.concatenate([np.flatnonzero(labels == c)[:2] for c in range(10)])]
-    root = tmp_path / "elevater"
-    cifar = root / "classification" / "cifar_10_20211007"          # the toolkit's root_folder
-    writers.write_iris(str(cifar), [images[i] for i in picks], [(int(labels[i]),) for i in picks],
-                       get_task("cifar-10").classnames)
-    kitti = root / "kitti-distance"
-    four = [i for i in picks if labels[i] < 4]
-    writers.write_coco(str(kitti), [images[i] for i in four], [(int(labels[i]),) for i in four],
-                       get_task("kitti-distance").classnames)
-    os.rename(kitti / "test.json", kitti / "test_meta.json")      # the registry's index name for kitti
-    writers.write_webdataset(str(tmp_path / "wds"), [images[i] for i in picks], [(int(labels[i]),) for i in picks],
-                             DIGIT_NAMES["en"], templates=["a photo of the number {c}."])
-    model_dir = save_tiny_hf_model(str(tmp_path / "hf"), "clip", ["a photo of the number"] + list(DIGIT_NAMES["en"]))
-    out = tmp_path / "out"
-    assert cli_main(["--model", model_dir, "--data-root", str(root), "--output-dir", str(out), "--no-progress",
-                     "--no-plot"]) == 0
-    assert cli_main(["--model", model_dir, "--data-root", str(root), "--datasets", f"mydigits={tmp_path / 'wds'}",
-                     "--output-dir", str(out), "--no-progress", "--no-plot"]) == 0
-    results = {r["dataset"]: r for r in (json.loads((out / "results" / f).read_text()) for f in os.listdir(out / "results"))}
-    assert set(results) == {"cifar-10", "kitti-distance", "mydigits"}
-    assert results["cifar-10"]["data"]["reader"] == "iris" and results["cifar-10"]["num_samples"] == 20
-    assert results["kitti-distance"]["data"]["reader"] == "coco" and results["kitti-distance"]["num_samples"] == 8
-    assert results["mydigits"]["data"]["reader"] == "webdataset"
-    assert results["mydigits"]["task_spec"]["num_templates"] == 1 and results["mydigits"]["model"] == "hf"
-    summary = list(csv.DictReader(open(out / "summary.csv", encoding="utf-8")))
-    average = [r for r in summary if r["dataset"].startswith("ELEVATER average")]
-    expected = 100 * (results["cifar-10"]["primary_value"] + results["kitti-distance"]["primary_value"]) / 2
-    assert average[0]["dataset"] == "ELEVATER average (2/20)" and float(average[0]["score"]) == pytest.approx(expected, abs=0.01)
+    from vlmdistill.eval.elevater.runner import image_transform, preprocessing
+
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 256, (375, 1242, 3), dtype=np.uint8))   # a KITTI frame's shape
+    model, tokenizer = tiny_open_clip()
+    adapter = adapter_for(model, tokenizer)
+    size, protocol = adapter.image_size, get_protocol("elevater")
+    kitti, cifar = get_task("kitti-distance"), get_task("cifar-10")
+    assert (kitti.center_crop, cifar.center_crop) == (False, True)
+    assert {t.interpolation for t in (kitti, cifar)} == {"bicubic"} and kitti.image_size == cifar.image_size == 224
+    assert [n for n in tasks_with_crop(False)] == ["kitti-distance"]
+
+    def reference(image):
+        return TF.normalize(TF.to_tensor(image), list(adapter.mean), list(adapter.std))
+
+    squashed = reference(wide.resize((size, size), Image.BICUBIC))
+    short = wide.resize((int(size * 1242 / 375), size), Image.BICUBIC)
+    left = int(round((short.width - size) / 2))
+    cropped = reference(short.crop((left, 0, left + size, size)))
+    assert torch.allclose(image_transform(adapter, protocol, kitti)(wide), squashed, atol=1e-6)
+    assert torch.allclose(image_transform(adapter, protocol, cifar)(wide), cropped, atol=1e-6)
+    assert not torch.allclose(squashed, cropped, atol=1e-2)
+    assert preprocessing(adapter, protocol, kitti) == {"transform": "elevater", "image_size": size,
+                                                       "center_crop": False, "interpolation": "bicubic",
+                                                       "toolkit_image_size": 224}
+    assert get_task("kitti-distance").spec_hash != TaskSpec(**{**kitti.__dict__, "center_crop": True}).spec_hash
+
+
+def tasks_with_crop(center_crop):
+    from vlmdistill.eval.elevater.tasks import list_tasks
+
+    return [name for name in list_tasks() if get_task(name).center_crop is center_crop]

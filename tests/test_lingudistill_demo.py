@@ -36,7 +36,7 @@ def test_toy_llava_starts_as_the_language_model():
 
 @pytest.mark.slow
 def test_quick_demo_writes_its_report(tmp_path):
-    assert experiment.main(["--quick", "--seeds", "0", "--output-dir", str(tmp_path)]) == 0
+    assert experiment.main(["--smoke", "--seeds", "0", "--output-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert {r["arm"] for r in result["runs"]} == {"finetuned", "lingudistill"}
     for row in result["runs"]:

@@ -109,7 +109,7 @@ def test_packed_documents_do_not_leak():
     separate["use_cache"] = False  # transformers builds per-document masks only without a KV cache
     packed = {"use_cache": False, "input_ids": torch.cat([a["input_ids"], b["input_ids"]])[None],
               "labels": torch.cat([a["labels"], b["labels"]])[None],
-              "position_ids": torch.cat([torch.arange(12), torch.arange(12)])[None],
+              "position_ids": torch.cat([torch.arange(len(a["input_ids"])), torch.arange(len(b["input_ids"]))])[None],
               "pixel_values": separate["pixel_values"]}
     got_sep = _paired(student, teacher, separate, share_scope="prompt")
     got_packed = _paired(student, teacher, packed, share_scope="prompt")

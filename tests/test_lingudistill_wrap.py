@@ -51,7 +51,7 @@ def test_qwen2_vl_student_takes_a_qwen2_teacher_despite_mrope():
 
 def test_text_only_student_is_refused():
     student = _llama_teacher()
-    with pytest.raises(UnsupportedModelError, match="does not know the model family 'llama'.*image token ids"):
+    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM.config names no image or video token id.*kd"):
         vlmdistill.wrap(student, plugin="lingudistill", teacher=_llama_teacher())
 
 
@@ -64,8 +64,81 @@ def test_paligemma_is_refused_with_the_reason():
                           vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                              num_attention_heads=2, image_size=16, patch_size=8),
                           image_token_id=79, projection_dim=32)
-    with pytest.raises(UnsupportedModelError, match="'paligemma'.*bidirectionally"):
+    with pytest.raises(UnsupportedModelError, match="cannot distil into 'paligemma' students.*bidirectionally"):
         vlmdistill.wrap(PaliGemmaForConditionalGeneration(cfg), plugin="lingudistill", teacher=_llama_teacher())
+
+
+def _tiny_gemma3():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    return Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=dict(head_dim=8, **text_config()), mm_tokens_per_image=4,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8)))
+
+
+def _tiny_mllama():
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    return MllamaForConditionalGeneration(MllamaConfig(
+        text_config=dict(cross_attention_layers=[1], **text_config()), image_token_index=79,
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_global_layers=1,
+                           attention_heads=2, image_size=16, patch_size=8, vision_output_dim=32, max_num_tiles=1,
+                           supported_aspect_ratios=[[1, 1]])))
+
+
+def _tiny_qwen3_vl():
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    return Qwen3VLForConditionalGeneration(Qwen3VLConfig(
+        text_config=dict(head_dim=8, rope_parameters=rope, **text_config()),
+        vision_config=dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[1],
+                           num_position_embeddings=16)))
+
+
+@pytest.mark.parametrize("build,message", [
+    (_tiny_gemma3, "'gemma3' students: its image tokens attend bidirectionally"),
+    (_tiny_mllama, "'mllama' students: images enter through cross-attention layers"),
+    (_tiny_qwen3_vl, "'qwen3_vl' students: it injects visual features into several decoder layers \\(deep-stack"),
+])
+def test_structural_misfits_are_refused_with_the_reason(build, message):
+    with pytest.raises(UnsupportedModelError, match=message):
+        vlmdistill.wrap(build(), plugin="lingudistill", teacher=_llama_teacher())
+
+
+def test_sliding_window_students_run_up_to_their_window():
+    """Mistral-style sliding-window attention equals full causal attention on sequences no longer than the
+    window; a longer batch is refused naming the window."""
+    from contract_cases.lingudistill import tiny_mistral3
+
+    student = tiny_mistral3(sliding_window=20, dtype=torch.float64).eval()
+    teacher = language_model_copy(student)
+    g = torch.Generator().manual_seed(0)
+    wrapped = vlmdistill.wrap(student, plugin="lingudistill", teacher=teacher)
+    fits = collate([vlm_example("mistral3", g, length=20)])
+    fits = {k: v.double() if v.is_floating_point() else v for k, v in fits.items()}
+    got = wrapped.plugin.paired_logits(student, fits)
+    torch.testing.assert_close(got["teacher"], got["student"], rtol=1e-9, atol=1e-10)
+    with pytest.raises(UnsupportedModelError, match="sliding window of 20 tokens and this batch has 21 positions"):
+        wrapped.plugin.paired_logits(student, collate([vlm_example("mistral3", g, length=21)]))
+    vlmdistill.unwrap(wrapped)
+
+
+def test_visual_ids_come_from_the_config_attributes_whatever_the_family():
+    from vlmdistill.plugins.lingudistill.families import config_visual_ids
+
+    from contract_cases.lingudistill import FAMILY_BUILDERS, QWEN_IDS
+
+    for family, build in FAMILY_BUILDERS.items():
+        ids = set(config_visual_ids(build().config).values())
+        if family.startswith("qwen2"):
+            assert ids == set(QWEN_IDS.values()), family
+        elif family == "llava_onevision":
+            assert ids == {79, QWEN_IDS["video_token_id"]}, family
+        else:
+            assert ids == {79}, family
 
 
 def test_unsupported_attention_implementation_is_refused():

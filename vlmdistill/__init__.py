@@ -14,6 +14,7 @@ from .errors import (  # noqa: E402
     ConfigError,
     DataError,
     IncompatibleTeacherError,
+    NonFiniteLossError,
     UnknownPluginError,
     UnsupportedModelError,
 )
@@ -25,5 +26,5 @@ __all__ = [
     "wrap", "unwrap", "load", "step_end", "list_plugins", "register_plugin", "get_plugin",
     "DistillationCallback", "DistillationTrainer", "DistillationTrainerMixin", "DistillationModel",
     "DistillationPlugin", "DistillationResult", "PluginConfig", "option", "ConfigError", "DataError",
-    "IncompatibleTeacherError", "UnknownPluginError", "UnsupportedModelError",
+    "IncompatibleTeacherError", "NonFiniteLossError", "UnknownPluginError", "UnsupportedModelError",
 ]

@@ -8,9 +8,9 @@ from typing import Any
 from torch import nn
 
 from .config import PluginConfig
-from .errors import ConfigError
-from .io import PLUGIN_CONFIG_NAME, PLUGIN_STATE_NAME, load_tensors, read_json
-from .model import DistillationModel, distillation_class_for
+from .errors import ConfigError, DataError
+from .io import PLUGIN_CONFIG_NAME, PLUGIN_STATE_NAME, load_tensors, read_json, tensors_metadata
+from .model import NONFINITE_POLICIES, DistillationModel, distillation_class_for
 from .registry import get_plugin
 from .sharding import ScalarParameters
 
@@ -38,7 +38,7 @@ def build_config(plugin_cls: type, config: PluginConfig | dict | None, overrides
 
 
 def wrap(model: nn.Module, plugin: str = "kd", teacher: Any = None, *, config: PluginConfig | dict | None = None,
-         **kwargs: Any) -> DistillationModel:
+         on_nonfinite: str = "raise", **kwargs: Any) -> DistillationModel:
     """Attach a distillation plugin to `model` and return the wrapper to train.
 
     `teacher` is a frozen model (frozen here if it is not), `'base'` for a PEFT student whose
@@ -49,9 +49,15 @@ def wrap(model: nn.Module, plugin: str = "kd", teacher: Any = None, *, config: P
 
     While wrapped, 0-dim parameters (CLIP's `logit_scale`) are 1-element tensors, which FSDP2 can shard;
     state dicts and exports keep their 0-dim shape, and `unwrap()` restores it.
+
+    `on_nonfinite`: a NaN/inf loss term in training raises `NonFiniteLossError` naming the term and the
+    step (`"raise"`, the default: such a loss means broken data or numerics, and hiding it wastes the run), or
+    drops that optimizer step (`"skip"`, under the Trainer through `DistillationCallback`).
     """
     if isinstance(model, DistillationModel):
         raise ConfigError("model is already wrapped; call vlmdistill.unwrap(model) first")
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ConfigError(f"on_nonfinite={on_nonfinite!r}: choose one of {', '.join(NONFINITE_POLICIES)}")
     plugin_cls = get_plugin(plugin)
     overrides, runtime = _split_kwargs(plugin_cls, dict(kwargs))
     cfg = build_config(plugin_cls, config, overrides)
@@ -68,7 +74,7 @@ def wrap(model: nn.Module, plugin: str = "kd", teacher: Any = None, *, config: P
         scalars.release()
         raise
     wrapper_cls = distillation_class_for(model, instance)
-    wrapped = wrapper_cls(model, instance, scalars)
+    wrapped = wrapper_cls(model, instance, scalars, on_nonfinite=on_nonfinite)
     try:
         instance.attach(model, wrapped._hooks)
     except Exception:
@@ -97,25 +103,50 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
             return model
 
 
-def load(directory: str, model: nn.Module | None = None, teacher: Any = None, **kwargs: Any) -> DistillationModel:
+def load(directory: str, model: nn.Module | None = None, teacher: Any = None, *, on_nonfinite: str | None = None,
+         **kwargs: Any) -> DistillationModel:
     """Rebuild a wrapper from `save_pretrained(directory)` and restore the plugin state exactly.
 
-    `model`: the student object to load the saved weights into (required for non-transformers
+    `model`: the student object to load the saved weights into, in place (required for non-transformers
     students and PEFT students); None rebuilds a transformers student from its config.
     `teacher` must be given again (teachers are never saved). Extra keyword arguments are runtime
     arguments of the plugin (e.g. tokenizers); config values come from the saved file.
+
+    Everything checkable is checked before the student is touched (plugin name in both files, the recorded
+    student class, the model type, every weight's key and shape); if the plugin state does not fit after
+    `wrap`, the wrapper is taken off again, so a failed load leaves student and teacher unattached.
     """
-    meta = read_json(os.path.join(directory, PLUGIN_CONFIG_NAME))
-    plugin_cls = get_plugin(meta["plugin"])
+    config_path = os.path.join(directory, PLUGIN_CONFIG_NAME)
+    state_path = os.path.join(directory, PLUGIN_STATE_NAME)
+    meta = read_json(config_path)
+    name = meta.get("plugin")
+    if not isinstance(name, str) or not isinstance(meta.get("config"), dict):
+        raise DataError(f"{config_path} lacks the plugin name or its config: not written by save_pretrained")
+    plugin_cls = get_plugin(name)
     unknown = set(kwargs) - set(plugin_cls.runtime_args)
     if unknown:
         raise ConfigError(f"load(): unknown argument(s) {sorted(unknown)}; the config comes from "
                           f"{PLUGIN_CONFIG_NAME}. Runtime arguments: {', '.join(plugin_cls.runtime_args) or '(none)'}")
+    saved_for = tensors_metadata(state_path).get("plugin")
+    if saved_for is not None and saved_for != name:
+        raise DataError(f"{state_path} holds the state of plugin {saved_for!r}, but {config_path} names {name!r}")
+    recorded = meta.get("student_class")
+    if model is not None and recorded and _class_path(model) != recorded:
+        raise ConfigError(f"load(): {directory} was saved from a {recorded} student; model= is a {_class_path(model)}")
     student = plugin_cls.load_student(model, directory)
-    wrapped = wrap(student, plugin=meta["plugin"], teacher=teacher, config=meta["config"], **kwargs)
-    state = load_tensors(os.path.join(directory, PLUGIN_STATE_NAME))
-    wrapped.plugin.load_state_dict(state)
+    state = load_tensors(state_path)
+    wrapped = wrap(student, plugin=name, teacher=teacher, config=meta["config"],
+                   on_nonfinite=on_nonfinite or meta.get("on_nonfinite", "raise"), **kwargs)
+    try:
+        wrapped.plugin.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        wrapped.unwrap()
+        raise DataError(f"{state_path} does not fit the {name!r} plugin built for this student: {exc}") from None
     return wrapped
+
+
+def _class_path(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
 def step_end(model: nn.Module) -> None:

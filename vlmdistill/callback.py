@@ -1,7 +1,9 @@
 """HF Trainer integration: a callback for the per-step work and logging, and an optional Trainer mixin.
 
 `DistillationCallback` is all most plugins need:
-* `on_step_end` runs `model.step_end()` once per optimizer step (not per micro-batch);
+* `on_step_end` runs `model.step_end()` once per optimizer step (not per micro-batch), skipping steps the
+  optimizer did not take;
+* `on_pre_optimizer_step` drops a step whose loss was non-finite when the wrapper has `on_nonfinite='skip'`;
 * `on_log` adds each loss term as `distill/<name>` to the Trainer's logs and log history.
 
 `DistillationTrainerMixin` (or the ready `DistillationTrainer`) is for plugins that must see a whole
@@ -31,12 +33,24 @@ class DistillationCallback(TrainerCallback):
         wrapper = _find_wrapper(model)
         if wrapper is None:
             raise TypeError("DistillationCallback needs the Trainer's model to come from vlmdistill.wrap(...)")
+        if wrapper.on_nonfinite == "skip" and getattr(args, "deepspeed", None):
+            from .errors import ConfigError
+
+            raise ConfigError("on_nonfinite='skip' cannot drop a step under DeepSpeed (its engine owns the optimizer "
+                              "step); use on_nonfinite='raise'")
         return control
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         wrapper = _find_wrapper(model)
         if wrapper is not None:
-            wrapper.step_end()
+            wrapper.pre_optimizer_step(optimizer)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        wrapper = _find_wrapper(model)
+        if wrapper is not None:
+            # accelerate's optimizer reports a step the mixed-precision scaler skipped (overflow): no EMA/schedule then
+            wrapper.step_end(skipped=bool(getattr(optimizer, "step_was_skipped", False)))
         return control
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):

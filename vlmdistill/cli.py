@@ -2,7 +2,7 @@
 
     vlmdistill plugins [-v]             installed plugins, one line each (-v: their config fields)
     vlmdistill train RECIPE.yaml [--set training.max_steps=10 ...] [--dry-run]
-    vlmdistill demo [PLUGIN] [-- demo arguments]
+    vlmdistill demo [PLUGIN] [-- demo arguments]     (default: lingudistill)
     vlmdistill eval elevater ...        zero-shot evaluation (see `vlmdistill eval elevater -h`)
 
 Plugins may add sub-commands through their `commands` attribute ({"name": "module:function"}).
@@ -19,7 +19,7 @@ from typing import Callable
 from .errors import VLMDistillError
 from .registry import get_plugin, list_plugins
 
-DEFAULT_DEMO = "kd"
+DEFAULT_DEMO = "lingudistill"
 
 
 def _resolve(target: str) -> Callable:
@@ -43,6 +43,11 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     if args.dry_run:
+        from .recipes import check_recipe, training_arguments
+
+        training_arguments(recipe)  # TrainingArguments' own cross-field checks, without building any model
+        for line in check_recipe(recipe):
+            print(line)
         print(json.dumps(recipe.to_dict(), indent=2, default=str))
         return 0
     summary = run_recipe(recipe)

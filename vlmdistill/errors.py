@@ -26,3 +26,7 @@ class UnsupportedModelError(VLMDistillError, ValueError):
 
 class DataError(VLMDistillError, ValueError):
     """A data file is missing, unreadable or inconsistent; the message names the file."""
+
+
+class NonFiniteLossError(VLMDistillError, FloatingPointError):
+    """A loss term was NaN or infinite during training; the message names the term and the optimizer step."""

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .teachers import is_peft_model
+
+
+def from_local_folder(cls, path: str, *, role: str, **kwargs: Any):
+    """`cls.from_pretrained(path)` (a model, tokenizer or processor class) for a local folder only: nothing is
+    downloaded and no Python shipped in the folder is run, whatever its config's `auto_map` says."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"{role}: {path!r} is not a local folder (nothing is downloaded)")
+    return cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, **kwargs)
 
 
 def base_model(model: nn.Module) -> nn.Module:

@@ -9,13 +9,16 @@ HF Trainer keeps the right batch columns and finds the labels.
 from __future__ import annotations
 
 import inspect
+import math
 import os
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import __version__
+from .errors import ConfigError, DataError, NonFiniteLossError
 from .hooks import HookManager
 from .distributed import full_state_dict, is_dtensor, is_main_process, is_sharded, world_size
 from .io import PLUGIN_CONFIG_NAME, PLUGIN_STATE_NAME, find_aliases, save_tensors, write_json
@@ -73,11 +76,18 @@ class DistillationModel(nn.Module):
     # The Trainer then passes `num_items_in_batch` and trusts the loss to be normalised by it.
     accepts_loss_kwargs = True
 
-    def __init__(self, student: nn.Module, plugin: DistillationPlugin,
-                 scalars: ScalarParameters | None = None) -> None:
+    def __init__(self, student: nn.Module, plugin: DistillationPlugin, scalars: ScalarParameters | None = None,
+                 on_nonfinite: str = "raise") -> None:
         super().__init__()
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"on_nonfinite={on_nonfinite!r}: choose one of {', '.join(NONFINITE_POLICIES)}")
         self.student = student
         self.plugin = plugin
+        #: what a NaN/inf loss term does in training: "raise" (default) or "skip" the optimizer step
+        self.on_nonfinite = on_nonfinite
+        self._inputs_checked = False
+        self._nonfinite_seen = False      # a non-finite loss in the current optimizer step (skip mode)
+        self._skip_decided: bool | None = None
         self._hooks = HookManager()
         # FSDP2 refuses 0-dim parameters: the student's (wrap() held them already) and the plugin's
         self._scalars = (scalars or ScalarParameters()).hold(plugin)
@@ -121,26 +131,75 @@ class DistillationModel(nn.Module):
         inputs = self._bind_inputs(args, kwargs)
         extras = {k: inputs.pop(k) for k in self.plugin.extra_inputs if k in inputs}
         num_items = inputs.pop("num_items_in_batch", None)
+        if self.training and not self._inputs_checked:
+            _check_finite_inputs({**inputs, **extras})
+            self._inputs_checked = True
         result = self.plugin(self.student, inputs, extras, num_items)
         output = result.output
         if result.loss is not None:
             output = _attach_loss(output, result.loss, result.loss_terms)
             if self.training:
-                self._record_terms(result.loss_terms, window_normalised=num_items is not None)
+                values = _as_floats(result.loss_terms, result.loss)
+                if self._finite_or_flag(values):
+                    self._record_terms(values, window_normalised=num_items is not None)
         return output
 
+    def _finite_or_flag(self, values: dict[str, float]) -> bool:
+        """True when every term is finite; otherwise raise (default) or mark the optimizer step to be skipped."""
+        bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+        if not bad:
+            return True
+        step = int(self.plugin.global_step) + 1
+        name, value = next(iter(bad.items()))
+        where = f"loss term {name!r} is {value} in optimizer step {step}"
+        if self.on_nonfinite == "raise":
+            raise NonFiniteLossError(
+                f"{where} (non-finite: {', '.join(sorted(bad))}). The batch, the learning rate or the model's "
+                "numerics went wrong; wrap(..., on_nonfinite='skip') drops such optimizer steps instead")
+        if not self._nonfinite_seen:
+            warnings.warn(f"{where}: skipping this optimizer step (on_nonfinite='skip')", RuntimeWarning, stacklevel=3)
+        self._nonfinite_seen = True
+        return False
+
+    def pre_optimizer_step(self, optimizer: Any = None) -> bool:
+        """Before `optimizer.step()`: in skip mode, drop the step's gradients when any process saw a non-finite
+        loss (params without a gradient are left untouched by the optimizer: no update, no weight decay, no moment
+        change). Returns whether the step goes ahead. `DistillationCallback` calls it under the Trainer."""
+        skip = self._nonfinite_seen
+        if self.on_nonfinite == "skip":
+            skip = _any_process(skip, _first_device(self))
+        self._skip_decided = skip
+        if skip:
+            groups = optimizer.param_groups if optimizer is not None else [{"params": list(self.parameters())}]
+            # A mixed-precision scaler refuses a step without gradients; NaN gradients make it skip the step itself.
+            scaled = getattr(optimizer, "scaler", None) is not None
+            for group in groups:
+                for param in group["params"]:
+                    if scaled and param.grad is not None:
+                        param.grad.fill_(float("nan"))
+                    else:
+                        param.grad = None
+        return not skip
+
     # ------------------------------------------------------------ step & logs
-    def step_end(self) -> None:
+    def step_end(self, skipped: bool = False) -> None:
         """Per-optimizer-step work (EMA, schedules, queues, stage switches). Call once after each
-        `optimizer.step()` in a hand-written loop; `DistillationCallback` does it under the Trainer."""
+        `optimizer.step()` in a hand-written loop; `DistillationCallback` does it under the Trainer.
+
+        A step the optimizer did not take (`skipped`: e.g. a mixed-precision overflow, or a non-finite loss under
+        `on_nonfinite='skip'`) does no plugin work and does not advance `global_step`."""
+        decided = self._skip_decided if self._skip_decided is not None else self._nonfinite_seen
+        self._nonfinite_seen, self._skip_decided = False, None
+        if skipped or decided:
+            return
         with torch.no_grad():
             self.plugin.global_step += 1
         self._term_steps += 1
         self.plugin.on_step_end()
 
-    def _record_terms(self, terms: dict[str, torch.Tensor], *, window_normalised: bool) -> None:
+    def _record_terms(self, terms: dict[str, float], *, window_normalised: bool) -> None:
+        terms = {name: value for name, value in terms.items() if name != "loss"}
         for name, value in terms.items():
-            value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
             self._term_sums[name] = self._term_sums.get(name, 0.0) + value
         self._term_micro_batches += 1
         self._term_window_normalised = window_normalised
@@ -206,6 +265,7 @@ class DistillationModel(nn.Module):
         write_json(os.path.join(directory, PLUGIN_CONFIG_NAME), {
             "plugin": self.plugin.name,
             "config": self.plugin.config.to_dict(),
+            "on_nonfinite": self.on_nonfinite,
             "vlmdistill_version": __version__,
             "student_class": f"{type(self.student).__module__}.{type(self.student).__qualname__}",
         })
@@ -263,6 +323,50 @@ def _embeddings(student: nn.Module, getter: str) -> nn.Module | None:
         return method() if callable(method) else None
     except NotImplementedError:
         return None
+
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+def _as_floats(terms: dict[str, Any], loss: torch.Tensor) -> dict[str, float]:
+    """The loss terms and the total as Python floats, with one device synchronisation for all of them."""
+    names = [*terms, "loss"]
+    values = [*terms.values(), loss]
+    device = loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
+    stacked = torch.stack([torch.as_tensor(v).detach().to(device=device, dtype=torch.float32).reshape(())
+                           for v in values])
+    return dict(zip(names, stacked.cpu().tolist()))
+
+
+def _check_finite_inputs(batch: dict[str, Any]) -> None:
+    """NaN/inf in a float input (images, features) trains NaN weights without a word: refuse the first batch."""
+    for name, value in batch.items():
+        tensors = value if isinstance(value, (list, tuple)) else [value]
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    raise DataError(f"the first training batch has {bad} non-finite value(s) (NaN/inf) in {name!r} "
+                                    f"(shape {tuple(tensor.shape)}); check how the data is decoded and normalised")
+
+
+def _first_device(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _any_process(flag: bool, device: torch.device) -> bool:
+    """`flag` OR-ed over all processes (every rank must skip the same steps)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 def _attach_loss(output: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> Any:

@@ -257,9 +257,13 @@ class DistillationPlugin(nn.Module):
     @staticmethod
     def normaliser(local_count: torch.Tensor | int, num_items_in_batch: Any) -> torch.Tensor | int:
         """Denominator of a summed loss: the accumulation window's item count when the Trainer gives it
-        (so k micro-batches equal one k× batch), else the local count."""
+        (so k micro-batches equal one k× batch), else the local count; never below 1."""
+        # Clamped at 1: a window with nothing supervised sums to exactly 0 and must give 0, not 0/0 (NaN), whose
+        # gradient would poison every weight.
         if num_items_in_batch is not None:
-            return num_items_in_batch
+            if isinstance(num_items_in_batch, torch.Tensor):
+                return num_items_in_batch.clamp_min(1)
+            return max(num_items_in_batch, 1)
         if isinstance(local_count, torch.Tensor):
             return local_count.clamp_min(1)
         return max(int(local_count), 1)

@@ -1,6 +1,10 @@
-"""Which logits a teacher and a student can compare: their shared vocabulary."""
+"""Which logits a teacher and a student can compare (their shared vocabulary), and a tokenizer's identity."""
 
 from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Optional
 
 from .errors import IncompatibleTeacherError
 
@@ -32,3 +36,28 @@ def shared_vocabulary(student_width: int | None, teacher_width: int | None, *, s
             "student_tokenizer= and teacher_tokenizer= to wrap() so the shared prefix can be checked, or set "
             "trust_vocab_prefix=True if the smaller vocabulary is known to be a prefix of the larger")
     return shared
+
+
+def tokenizer_identity(tokenizer: Any) -> Optional[str]:
+    """A hash of a tokenizer's vocabulary and special tokens (transformers, `tokenizers`, open_clip)."""
+    if tokenizer is None:
+        return None
+    inner = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
+    if inner is not None and hasattr(inner, "get_vocab"):
+        tokenizer = inner
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # Truncation and padding are call-time settings the backend remembers: not part of the identity.
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        payload = json.dumps(state, sort_keys=True, ensure_ascii=False)
+    elif hasattr(tokenizer, "get_vocab"):
+        payload = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    elif hasattr(tokenizer, "encoder"):  # open_clip SimpleTokenizer
+        payload = json.dumps(sorted(tokenizer.encoder.items()), ensure_ascii=False)
+        payload += f"|{getattr(tokenizer, 'context_length', '')}"
+    else:
+        raise IncompatibleTeacherError(f"cannot read the vocabulary of a {type(tokenizer).__name__} tokenizer")
+    special = getattr(tokenizer, "all_special_ids", None)
+    if special is not None:
+        payload += "|" + json.dumps(list(special))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]

@@ -82,6 +82,7 @@ class ZeroShotModel:
         self.tokenizer_id = tokenizer_id or type(tokenize).__name__
         self.text_encoder_calls = 0     # counted so that a cache hit can be shown to skip text encoding
         self.image_encoder_calls = 0
+        self._pinned_fingerprint: str | None = None
 
     # -------------------------------------------------------------- placement
     @property
@@ -140,11 +141,38 @@ class ZeroShotModel:
     # -------------------------------------------------------------- identity
     def fingerprint(self) -> str:
         """Weights + tokenizer identity: the part of the classifier-cache key that depends on the model."""
+        if self._pinned_fingerprint is not None:
+            return self._pinned_fingerprint
         return hashlib.sha256(f"{self.kind}|{self.tokenizer_id}|{weights_fingerprint(self.model)}".encode()).hexdigest()
+
+    def pin_fingerprint(self) -> str:
+        """Hash the weights once and reuse the result, for a model that does not change while it is
+        evaluated (the command line: hashing ViT-B/32 costs about 2 s per dataset otherwise)."""
+        self._pinned_fingerprint = None
+        self._pinned_fingerprint = self.fingerprint()
+        return self._pinned_fingerprint
+
+    def image_tower(self) -> list[nn.Module]:
+        """The modules that make the image embedding (the toolkit counts `model.visual`, or the whole
+        model when there is none)."""
+        if hasattr(self.model, "visual"):
+            return [self.model.visual]
+        if hasattr(self.model, "vision_model"):
+            return [self.model.vision_model] + ([self.model.visual_projection]
+                                                if hasattr(self.model, "visual_projection") else [])
+        return [self.model]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """The parameter counts of the toolkit's prediction files: every parameter of the model
+        (`num_params`, `num_backbone_params`: zero-shot has no extra head) and the image tower's."""
+        total = sum(p.numel() for p in self.model.parameters())
+        visual = {id(p): p.numel() for module in self.image_tower() for p in module.parameters()}
+        return {"num_params": total, "num_visual_params": sum(visual.values()), "num_backbone_params": total}
 
     def describe(self) -> dict:
         return {"model": self.name, "pretrained": self.pretrained, "adapter": self.kind,
-                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                **self.parameter_counts()}
 
 
 class OpenClipAdapter(ZeroShotModel):
@@ -315,20 +343,37 @@ def _config_directory() -> str:
     return _CONFIG_DIRECTORY[0]
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")   # what open_clip looks for in a local-dir folder
+RANDOM_ON_PURPOSE = "--random-weights (random_weights=True) to evaluate random weights on purpose"
+
+
+def _folder_weights(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.endswith(WEIGHT_SUFFIXES))
+
+
 def load_open_clip(name_or_dir: str, pretrained: str | None = None, *, model_config: str | Mapping | None = None,
-                   device: str = "cpu") -> OpenClipAdapter:
+                   device: str = "cpu", random_weights: bool = False) -> OpenClipAdapter:
     """An open_clip model from local files only.
 
-    * `name_or_dir` a folder with `open_clip_config.json` (+ weights) -> open_clip's `local-dir:` loading;
+    * `name_or_dir` a folder with `open_clip_config.json` and weights -> open_clip's `local-dir:` loading;
     * else an architecture name (built-in, or registered from `model_config`: a json path or dict)
-      with `pretrained` a local checkpoint file (.pt/.bin/.safetensors) or None for random weights.
-    Hub downloads and pretrained *tags* are refused: evaluation must be reproducible offline.
+      with `pretrained` a local checkpoint file (.pt/.bin/.safetensors).
+    Random weights (no checkpoint) only with `random_weights=True`; hub downloads and pretrained
+    *tags* are refused: evaluation must be reproducible offline.
     """
     import open_clip
 
+    if pretrained is not None and random_weights:
+        raise ConfigError("--pretrained and --random-weights contradict each other; pass one of them")
     if os.path.isdir(name_or_dir):
         if not os.path.isfile(os.path.join(name_or_dir, "open_clip_config.json")):
             raise DataError(f"{name_or_dir} has no open_clip_config.json")
+        if pretrained is not None:
+            raise ConfigError(f"--pretrained is not used with the model folder {name_or_dir}: its own weights are "
+                              f"loaded; drop --pretrained or pass an architecture name as --model")
+        if not _folder_weights(name_or_dir) and not random_weights:
+            raise DataError(f"{name_or_dir} has open_clip_config.json but no weights file (*.safetensors, *.bin, "
+                            f"*.pth): the model would be randomly initialised; pass {RANDOM_ON_PURPOSE}")
         identifier = "local-dir:" + os.path.abspath(name_or_dir)
         model, _, preprocess = open_clip.create_model_and_transforms(identifier, device=device)
         tokenizer = open_clip.get_tokenizer(identifier)
@@ -343,8 +388,16 @@ def load_open_clip(name_or_dir: str, pretrained: str | None = None, *, model_con
         with open(model_config) as handle:
             register_open_clip_config(name, json.load(handle))
     if name not in open_clip.list_models():
-        raise ConfigError(f"unknown open_clip architecture {name!r}: pass --model-config <json> for a custom "
-                          f"one, or a folder with open_clip_config.json")
+        import difflib
+
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.6)
+        raise ConfigError(f"unknown open_clip architecture {name!r} (and no folder of that name exists)"
+                          f"{'; close names: ' + ', '.join(close) if close else ''}. --model takes an open_clip "
+                          f"architecture name (with --model-config <json> for a custom one), a folder with "
+                          f"open_clip_config.json, or a transformers model folder")
+    if pretrained is None and not random_weights:
+        raise ConfigError(f"--model {name} without --pretrained would evaluate randomly initialised weights: pass "
+                          f"--pretrained FILE (a local checkpoint), or {RANDOM_ON_PURPOSE}")
     if pretrained is not None and not os.path.isfile(pretrained):
         raise DataError(f"checkpoint {pretrained} does not exist (pretrained tags are not downloaded; "
                         f"pass a local file)")
@@ -354,7 +407,7 @@ def load_open_clip(name_or_dir: str, pretrained: str | None = None, *, model_con
                               os.path.abspath(pretrained) if pretrained else "")
 
 
-def load_hf_model(folder: str, device: str = "cpu") -> HFClipAdapter:
+def load_hf_model(folder: str, device: str = "cpu", random_weights: bool = False) -> HFClipAdapter:
     """A transformers CLIP / AltCLIP / ChineseCLIP / SigLIP model saved in a local folder."""
     import transformers
 
@@ -365,7 +418,14 @@ def load_hf_model(folder: str, device: str = "cpu") -> HFClipAdapter:
         model_type = json.load(handle).get("model_type")
     if model_type not in HF_CLIP_FAMILY:
         raise UnsupportedModelError(f"{folder}: model_type {model_type!r} is not one of {list(HF_CLIP_FAMILY)}")
-    model = transformers.AutoModel.from_pretrained(folder, local_files_only=True).to(device)
+    if not _folder_weights(folder):
+        if not random_weights:
+            raise DataError(f"{folder} has config.json but no weights file (*.safetensors, *.bin): the model "
+                            f"would be randomly initialised; pass {RANDOM_ON_PURPOSE}")
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        model = transformers.AutoModel.from_config(config).to(device)
+    else:
+        model = transformers.AutoModel.from_pretrained(folder, local_files_only=True).to(device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     try:
         processor = transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
@@ -375,13 +435,37 @@ def load_hf_model(folder: str, device: str = "cpu") -> HFClipAdapter:
                        os.path.abspath(folder))
 
 
+def _looks_like_path(spec: str) -> bool:
+    return "/" in spec or os.sep in spec or spec.startswith((".", "~"))
+
+
 def load_model(spec: str, *, pretrained: str | None = None, model_config: str | None = None,
-               kind: str = "auto", device: str = "cpu") -> ZeroShotModel:
+               kind: str = "auto", device: str = "cpu", random_weights: bool = False) -> ZeroShotModel:
     """Dispatch on `kind` (`auto`, `open_clip`, `hf`): a folder with config.json is a transformers
-    model, anything else goes to open_clip."""
+    model, a folder with open_clip_config.json or an architecture name goes to open_clip. A path
+    that does not exist, a folder that is neither, and random weights (unless `random_weights`) are
+    refused with a message that says what to pass instead."""
     if kind not in ("auto", "open_clip", "hf"):
         raise ConfigError(f"unknown model kind {kind!r}; valid: ['auto', 'open_clip', 'hf']")
-    is_hf_folder = os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json"))
-    if kind == "hf" or (kind == "auto" and is_hf_folder):
-        return load_hf_model(spec, device)
-    return load_open_clip(spec, pretrained, model_config=model_config, device=device)
+    if not os.path.exists(spec) and _looks_like_path(spec):
+        raise DataError(f"model folder {spec} does not exist")
+    if os.path.isfile(spec):
+        raise ConfigError(f"--model {spec} is a file: pass the architecture as --model and the file as "
+                          f"--pretrained, or a model folder as --model")
+    if os.path.isdir(spec):
+        has_hf = os.path.isfile(os.path.join(spec, "config.json"))
+        has_open_clip = os.path.isfile(os.path.join(spec, "open_clip_config.json"))
+        if kind == "hf" or (kind == "auto" and has_hf):
+            if pretrained is not None:
+                raise ConfigError(f"--pretrained is not used with the transformers folder {spec}: its own weights "
+                                  f"are loaded")
+            return load_hf_model(spec, device, random_weights)
+        if not has_open_clip:
+            held = sorted(os.listdir(spec))
+            raise DataError(f"{spec} is neither a transformers model folder (config.json and weights, as written by "
+                            f"save_pretrained; CLIP, AltCLIP, ChineseCLIP, SigLIP) nor an open_clip folder "
+                            f"(open_clip_config.json and weights); it holds "
+                            f"{', '.join(held[:10]) + (' ...' if len(held) > 10 else '') if held else 'nothing'}")
+    elif kind == "hf":
+        raise DataError(f"--model-kind hf needs a model folder; {spec} is not one")
+    return load_open_clip(spec, pretrained, model_config=model_config, device=device, random_weights=random_weights)

@@ -1,8 +1,9 @@
 """Evaluation protocols: named presets that switch every knob of a zero-shot run together.
 
-* `elevater`: the toolkit's protocol: shorter side resized to the model's input size (224 for
-  every ELEVATER reference model) with bicubic interpolation, centre crop, the model's mean/std,
-  fp32, and `softmax(100 * cos)` fed to the metrics; each dataset's own primary metric.
+* `elevater`: the toolkit's protocol: each dataset's test transform from the toolkit's configs
+  (bicubic; shorter side to the input size and a centre crop, or for kitti-distance the whole image
+  squashed to a square), at the model's input size (224 for every ELEVATER reference model), the
+  model's mean/std, fp32, and `softmax(100 * cos)` fed to the metrics; each dataset's own metric.
 * `clip_benchmark`: CLIP_benchmark's habits: the model's own preprocessing, the model's dtype,
   raw scaled cosine logits `100 * cos` fed to the metrics (this changes mAP and ROC-AUC, not accuracy).
 * `cnclip_zh`: Chinese-CLIP's report: Chinese prompts (CN-CLIP template sets), its text clean-up
@@ -14,11 +15,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-import torch
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
-
 from vlmdistill.errors import ConfigError
+
+# torch and torchvision are imported where they are used, so that the command line's --help is fast
 
 
 @dataclass(frozen=True)
@@ -70,12 +69,18 @@ def get_protocol(protocol: str | Protocol = "elevater", **overrides) -> Protocol
     return replace(base, **overrides) if overrides else base
 
 
-def elevater_transform(image_size: int, mean, std) -> transforms.Compose:
-    """Shorter side to `image_size` (bicubic), centre crop, tensor, normalise: the toolkit's test transform."""
+def elevater_transform(image_size: int, mean, std, *, center_crop: bool = True, interpolation: str = "bicubic"):
+    """The toolkit's test transform: with `center_crop`, shorter side to `image_size` then a centre
+    crop; without, the whole image resized to `image_size` x `image_size`; then tensor, normalise."""
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    mode = InterpolationMode(interpolation)
+    resize = ([transforms.Resize(image_size, interpolation=mode), transforms.CenterCrop(image_size)] if center_crop
+              else [transforms.Resize((image_size, image_size), interpolation=mode)])
     return transforms.Compose([
         transforms.Lambda(_to_rgb),
-        transforms.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
+        *resize,
         transforms.ToTensor(),
         transforms.Normalize(mean=list(mean), std=list(std)),
     ])
@@ -92,7 +97,7 @@ def clean_text(text: str, mode: str) -> str:
     return text
 
 
-def scores_from_similarity(cosine: torch.Tensor, mode: str) -> torch.Tensor:
+def scores_from_similarity(cosine, mode: str):
     """Cosine similarities [N, C] -> the scores the metrics see."""
     logits = 100.0 * cosine.float()
     return logits.softmax(dim=-1) if mode == "softmax100" else logits

@@ -40,10 +40,23 @@ class TransformedImages(Dataset):
         return self.transform(self.data.open_image(index)), index
 
 
-def image_transform(model: ZeroShotModel, protocol: Protocol) -> Callable:
+def preprocessing(model: ZeroShotModel, protocol: Protocol, task: TaskSpec | None = None) -> dict:
+    """What the images go through: the model's own transform, or the dataset's toolkit transform at
+    the protocol's size (default: the model's input size)."""
     if protocol.transform == "model":
+        return {"transform": "model"}
+    return {"transform": "elevater", "image_size": protocol.image_size or model.image_size,
+            "center_crop": task.center_crop if task is not None else True,
+            "interpolation": task.interpolation if task is not None else "bicubic",
+            "toolkit_image_size": task.image_size if task is not None else None}
+
+
+def image_transform(model: ZeroShotModel, protocol: Protocol, task: TaskSpec | None = None) -> Callable:
+    settings = preprocessing(model, protocol, task)
+    if settings["transform"] == "model":
         return model.model_transform()
-    return elevater_transform(protocol.image_size or model.image_size, model.mean, model.std)
+    return elevater_transform(settings["image_size"], model.mean, model.std, center_crop=settings["center_crop"],
+                              interpolation=settings["interpolation"])
 
 
 def make_loader(data: LabeledImages, transform: Callable, batch_size: int, num_workers: int = 0) -> DataLoader:
@@ -74,14 +87,16 @@ def evaluate_zero_shot(model: Any, task: TaskSpec | str, dataset: LabeledImages 
                        protocol: Protocol | str = "elevater", *, tokenizer: Any = None, batch_size: int = 64,
                        device: str | None = None, num_workers: int = 0, cache_dir: str | None = None,
                        text_batch_size: int = 256, predictions_path: str | None = None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, run_label: str | None = None) -> dict:
     """Zero-shot evaluation of `model` on `dataset` for `task`; returns the result record.
 
     model: a `ZeroShotModel`, or an open_clip / transformers CLIP-family model with `tokenizer`.
     task: a `TaskSpec` or a registered name (resolved in the protocol's language).
     dataset: a `LabeledImages` or a dataset folder / index file (format detected).
     The record carries the CLIP_benchmark keys (dataset, model, pretrained, task, language, metrics)
-    plus primary metric, protocol, task-spec hashes, reader, sample count and runtimes.
+    plus the run label (default: the model's name), primary metric, protocol and preprocessing,
+    task-spec hashes, reader, sample count, runtimes and parameter counts. `predictions_path`: also
+    write the toolkit's prediction file there.
     """
     started = time.perf_counter()
     protocol = get_protocol(protocol)
@@ -102,7 +117,7 @@ def evaluate_zero_shot(model: Any, task: TaskSpec | str, dataset: LabeledImages 
                                       batch_size=text_batch_size)
         text_seconds = time.perf_counter() - text_started
         image_started = time.perf_counter()
-        loader = make_loader(data, image_transform(model, protocol), batch_size, num_workers)
+        loader = make_loader(data, image_transform(model, protocol, spec), batch_size, num_workers)
         features = extract_image_features(model, loader, progress, f"{spec.name} ({spec.language})")
         image_seconds = time.perf_counter() - image_started
     finally:
@@ -114,6 +129,7 @@ def evaluate_zero_shot(model: Any, task: TaskSpec | str, dataset: LabeledImages 
     result = {
         "dataset": spec.name,
         "model": model.name,
+        "run_label": run_label or model.name,
         "pretrained": model.pretrained,
         "task": "zeroshot_classification",
         "language": spec.language,
@@ -124,6 +140,7 @@ def evaluate_zero_shot(model: Any, task: TaskSpec | str, dataset: LabeledImages 
         "elevater_metric_value": metrics[primary_key(spec.metric)],
         "in_benchmark": spec.in_benchmark,
         "protocol": protocol.as_dict(),
+        "preprocess": preprocessing(model, protocol, spec),
         "task_spec": {"spec_hash": spec.spec_hash, "classnames_hash": spec.classnames_hash,
                       "templates_hash": spec.templates_hash, "num_classes": spec.num_classes,
                       "num_templates": len(spec.templates), "multilabel": multilabel},
@@ -141,6 +158,6 @@ def evaluate_zero_shot(model: Any, task: TaskSpec | str, dataset: LabeledImages 
     if predictions_path:
         from .report import write_predictions
 
-        write_predictions(predictions_path, result, scores, data.labels, multilabel)
+        write_predictions(predictions_path, result, scores)
     return result
 

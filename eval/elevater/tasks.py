@@ -20,6 +20,7 @@ from vlmdistill.errors import ConfigError, DataError
 
 METRICS = ("accuracy", "mean-per-class", "11point_mAP", "roc_auc")
 LANGUAGES = ("en", "zh")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 REFERENCE_TASK = "imagenet-1k"  # reported beside the benchmark, never averaged into it
 
 
@@ -29,6 +30,9 @@ class TaskSpec:
 
     `templates` use the `{}` placeholder internally; `{c}` (CLIP_benchmark) is accepted on input.
     `splits` maps split name -> index file name, as in the toolkit's dataset configs.
+    `center_crop`, `interpolation`, `image_size`: the toolkit's test transform for this dataset
+    (shorter side resized and centre-cropped, or the whole image squashed to a square, as
+    kitti-distance; `image_size` is the toolkit's size, the model's input size is used when it differs).
     """
 
     name: str
@@ -42,8 +46,14 @@ class TaskSpec:
     splits: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
     labelmap: str | None = None
     in_benchmark: bool = False
+    center_crop: bool = True
+    interpolation: str = "bicubic"
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"task {self.name!r}: unknown interpolation {self.interpolation!r}; "
+                              f"valid: {list(INTERPOLATIONS)}")
         if self.metric not in METRICS:
             raise ConfigError(f"task {self.name!r}: unknown metric {self.metric!r}; valid: {list(METRICS)}")
         if self.language not in LANGUAGES:
@@ -63,7 +73,8 @@ class TaskSpec:
     def spec_hash(self) -> str:
         """Hash of everything that changes the classifier or the metric."""
         payload = {"classnames": self.classnames, "templates": self.templates, "metric": self.metric,
-                   "multilabel": self.multilabel, "language": self.language}
+                   "multilabel": self.multilabel, "language": self.language, "center_crop": self.center_crop,
+                   "interpolation": self.interpolation}
         return _sha256_json(payload)
 
     @property
@@ -184,6 +195,7 @@ def read_classnames_file(path: str | os.PathLike) -> list[str]:
 
 def _spec_from_entry(name: str, entry: dict) -> TaskSpec:
     splits = {split: info["index_path"] for split, info in entry.get("splits", {}).items()}
+    transform = entry.get("test_transform", {})
     return TaskSpec(
         name=name,
         classnames=tuple(first_synonym(c) for c in entry["classnames"]),
@@ -196,6 +208,9 @@ def _spec_from_entry(name: str, entry: dict) -> TaskSpec:
         splits=splits,
         labelmap=entry.get("labelmap"),
         in_benchmark=bool(entry.get("in_elevater_ic20")),
+        center_crop=bool(transform.get("center_crop", True)),
+        interpolation=transform.get("interpolation", "bicubic"),
+        image_size=transform.get("image_size"),
     )
 
 
@@ -252,7 +267,8 @@ def _translate(spec: TaskSpec, language: str, classnames: Sequence[str] | None, 
 # ---------------------------------------------------------------- custom tasks from YAML
 
 _YAML_KEYS = {"classnames", "classnames_file", "templates", "metric", "multilabel", "language",
-              "annotation_format", "splits", "in_benchmark", "classnames_zh", "templates_zh"}
+              "annotation_format", "splits", "in_benchmark", "classnames_zh", "templates_zh", "center_crop",
+              "interpolation"}
 # name -> (Chinese class names or None, Chinese templates or None) of custom tasks
 _CUSTOM_CHINESE: dict[str, tuple[list[str] | None, list[str] | None]] = {}
 
@@ -303,13 +319,14 @@ def _custom_spec(path: str, name: str, entry: Any) -> TaskSpec:
                     metric=entry.get("metric", "accuracy"), multilabel=bool(entry.get("multilabel", False)),
                     language=entry.get("language", "en"), annotation_format=entry.get("annotation_format"),
                     splits={str(k): str(v) for k, v in splits.items()},
-                    in_benchmark=bool(entry.get("in_benchmark", False)))
+                    in_benchmark=bool(entry.get("in_benchmark", False)),
+                    center_crop=bool(entry.get("center_crop", True)),
+                    interpolation=entry.get("interpolation", "bicubic"))
 
 
 def register_task(spec: TaskSpec) -> None:
     """Make a task (e.g. a demo task) reachable by name through `get_task`."""
     _CUSTOM_TASKS[spec.name] = spec
-
 
 
 def registered_names() -> list[str]:

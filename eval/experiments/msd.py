@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import multiprocessing
@@ -147,7 +148,8 @@ def prepare_data(out_dir: str, image_size: int, seed: int = 0) -> dict[str, Any]
 def _batches(dataset, batch: int, seed: int):
     """Endless shuffled batches (a new permutation every epoch)."""
     generator = torch.Generator().manual_seed(seed)
-    while True:
+    for epoch in itertools.count():
+        dataset.set_epoch(epoch)  # fresh caption draws each epoch
         order = torch.randperm(len(dataset), generator=generator).tolist()
         for start in range(0, len(order) - batch + 1, batch):
             yield dataset.collate([dataset[i] for i in order[start:start + batch]])

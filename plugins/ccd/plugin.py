@@ -26,6 +26,7 @@ from torch import nn
 from vlmdistill.errors import UnsupportedModelError
 from vlmdistill.hooks import ActivationCapture
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
+from vlmdistill.precision import full_precision
 from vlmdistill.teachers import EMATeacher, module_device
 
 from .backbones import BackboneSpec, describe_backbone, patch_tokens
@@ -110,7 +111,8 @@ class CCDPlugin(DistillationPlugin):
             output = student(**view_inputs)
         tokens = patch_tokens(feats[spec.final_norm], grid).float()
         block_tokens = [patch_tokens(feats[spec.block_path(i)], grid).float() for i in cfg.seg_blocks]
-        seg_logits = self.seg_head(block_tokens, grid, (h, w))
+        with full_precision(pixels.device):  # the heads stay fp32 under bf16 autocast (see check_compatibility)
+            seg_logits = self.seg_head(block_tokens, grid, (h, w))
         seg = segmentation_loss(seg_logits, torch.cat([pseudo, pseudo_irregular]))
 
         with torch.no_grad():
@@ -124,25 +126,28 @@ class CCDPlugin(DistillationPlugin):
         with self.teacher_context() as teacher, self._teacher_capture.record() as teacher_feats:
             teacher(**view_inputs)
             teacher_tokens = patch_tokens(teacher_feats[spec.final_norm], grid).float()
-            t_reg = pool_characters(teacher_tokens[:b], weights_reg)[paired]
-            t_irr = pool_characters(teacher_tokens[b:], weights_irr)[paired]
-            teacher_logits = self._ema_head.module(torch.cat([t_reg, t_irr]))
+            with full_precision(pixels.device):  # pooling and heads in fp32 under bf16 autocast too
+                t_reg = pool_characters(teacher_tokens[:b], weights_reg)[paired]
+                t_irr = pool_characters(teacher_tokens[b:], weights_irr)[paired]
+                teacher_logits = self._ema_head.module(torch.cat([t_reg, t_irr]))
         if self.training:
             self._centre.observe(teacher_logits)
 
         frozen = step < cfg.freeze_last_layer_steps
         n = t_reg.shape[0]
         if n:
-            s_reg = pool_characters(tokens[:b], weights_reg)[paired]
-            s_irr = pool_characters(tokens[b:], weights_irr)[paired]
-            student_logits = self.student_head(torch.cat([s_reg, s_irr]), freeze_last_layer=frozen)
+            with full_precision(pixels.device):
+                s_reg = pool_characters(tokens[:b], weights_reg)[paired]
+                s_irr = pool_characters(tokens[b:], weights_irr)[paired]
+                student_logits = self.student_head(torch.cat([s_reg, s_irr]), freeze_last_layer=frozen)
             distill = cross_view_distillation_loss(
                 student_logits[:n], student_logits[n:], teacher_logits[:n], teacher_logits[n:], self._centre.value,
                 sample_index, b, student_temperature=cfg.student_temperature,
                 teacher_temperature=cfg.teacher_temperature)
         else:
             # Keep the head in the graph with zero gradient: DDP and accumulation then see the same parameters.
-            distill = self.student_head(tokens.new_zeros(1, spec.width), freeze_last_layer=frozen).sum() * 0.0
+            with full_precision(pixels.device):
+                distill = self.student_head(tokens.new_zeros(1, spec.width), freeze_last_layer=frozen).sum() * 0.0
         loss = cfg.seg_weight * seg + cfg.distill_weight * distill
         terms = {"seg": seg.detach(), "distill": distill.detach(),
                  "paired_characters": torch.tensor(n / b, device=seg.device)}
@@ -238,22 +243,6 @@ class CCDPlugin(DistillationPlugin):
                                "DINO) are training-only and live in vlmdistill_plugin_state.safetensors"},
                       fh, indent=2)
             fh.write("\n")
-
-    @classmethod
-    def load_student(cls, student: nn.Module | None, directory: str) -> nn.Module:
-        """Like the core loader, but tolerant of modules the saved student never had: rebuilding a transformers
-        model with `from_pretrained` uses default constructor arguments, so a `ViTModel(add_pooling_layer=False)`
-        comes back with a freshly initialised pooler. Those extra, not-loaded tensors are ignored."""
-        from transformers import PreTrainedModel
-
-        if isinstance(student, PreTrainedModel):
-            dtype = next(student.parameters()).dtype
-            loaded, info = type(student).from_pretrained(directory, dtype=dtype, output_loading_info=True)
-            own, saved = student.state_dict(), loaded.state_dict()
-            if set(own) <= set(saved) and set(saved) - set(own) <= set(info.get("missing_keys", ())):
-                student.load_state_dict({k: saved[k] for k in own})
-                return student
-        return super().load_student(student, directory)
 
     def extra_repr(self) -> str:
         kind = self.spec.kind if self.spec is not None else None

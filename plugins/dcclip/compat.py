@@ -2,38 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Any, Optional
+from typing import Any
 
 from vlmdistill.errors import IncompatibleTeacherError
+from vlmdistill.vocab import tokenizer_identity  # noqa: F401  (re-exported: used here and by the plugin)
 
 from .families import ClipModelSpec
-
-
-def tokenizer_identity(tokenizer: Any) -> Optional[str]:
-    """A hash of a tokenizer's vocabulary and special tokens (transformers, `tokenizers`, open_clip)."""
-    if tokenizer is None:
-        return None
-    inner = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
-    if inner is not None and hasattr(inner, "get_vocab"):
-        tokenizer = inner
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        # Truncation and padding are call-time settings the backend remembers: not part of the identity.
-        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
-        payload = json.dumps(state, sort_keys=True, ensure_ascii=False)
-    elif hasattr(tokenizer, "get_vocab"):
-        payload = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    elif hasattr(tokenizer, "encoder"):  # open_clip SimpleTokenizer
-        payload = json.dumps(sorted(tokenizer.encoder.items()), ensure_ascii=False)
-        payload += f"|{getattr(tokenizer, 'context_length', '')}"
-    else:
-        raise IncompatibleTeacherError(f"cannot read the vocabulary of a {type(tokenizer).__name__} tokenizer")
-    special = getattr(tokenizer, "all_special_ids", None)
-    if special is not None:
-        payload += "|" + json.dumps(list(special))
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:20]
 
 
 def check_token_level_text(student: ClipModelSpec, teacher: ClipModelSpec, student_tokenizer: Any = None,

@@ -1,4 +1,5 @@
-"""Image–text webdataset shards of (image, caption, language): writer, reader and collator.
+"""Image–text webdataset shards of (image, caption, language): writer and reader (the collator, the image
+transform and map-style image folders live in `vlmdistill.data.image_text`).
 
 Each sample is `<key>.png` (or `.jpg`), `<key>.txt` (the caption, UTF-8) and `<key>.lang` (`en`/`zh`).
 `shards.json` beside the shards lists each shard with its sample count, so a reader can say how many
@@ -8,6 +9,11 @@ The reader tokenises per sample and emits the student's own input names (`pixel_
 for transformers models, `image`/`text` for open_clip), plus `sample_key` and `augmentation_seed` (the
 keys of the teacher-feature cache). The HF Trainer drops every column the model does not take
 *before* collation, which is why nothing the collator needs may live only in the caption.
+
+Several processes: under the HF Trainer / accelerate, every process reads the same stream and accelerate
+hands each its part (its slice of every global batch, or rank 0 reads and dispatches), so the reader must
+not split shards by rank as well — that would leave each process 1/W² of the data. `split_by_node=True`
+is for hand-written loops with one plain DataLoader per process: each process then reads only its shards.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlmdistill.data.image_text import (OPENAI_MEAN, OPENAI_STD, ClipImageTransform,  # noqa: F401 (re-exported)
+                                        ImageTextCollator, Style, tokenize_caption)
 from vlmdistill.errors import ConfigError, DataError
 
 logger = logging.getLogger("vlmdistill.dcclip.data")
@@ -33,9 +41,6 @@ logger = logging.getLogger("vlmdistill.dcclip.data")
 LANGUAGES = ("en", "zh")
 SHARDS_MANIFEST = "shards.json"
 SHARDS_FORMAT = "vlmdistill.dcclip.image_text"
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-Style = Literal["hf", "open_clip"]
 
 
 @dataclasses.dataclass
@@ -98,57 +103,6 @@ def read_shard_manifest(directory: str) -> dict:
         return json.load(fh)
 
 
-# --------------------------------------------------------------------------- image preprocessing
-
-class ClipImageTransform:
-    """CLIP/ELEVATER test preprocessing (shorter side to `image_size`, bicubic; centre crop; normalise),
-    or, with `augment='random_resized_crop'`, a crop drawn from a generator seeded by
-    (sample key, augmentation seed) — so the teacher-feature cache can store the exact view."""
-
-    def __init__(self, image_size: int, mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD, *,
-                 augment: Literal["none", "random_resized_crop"] = "none",
-                 crop_scale: tuple[float, float] = (0.8, 1.0)) -> None:
-        if augment not in ("none", "random_resized_crop"):
-            raise ConfigError(f"augment={augment!r}; valid: ['none', 'random_resized_crop']")
-        self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
-        self.augment, self.crop_scale = augment, tuple(crop_scale)
-
-    def describe(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
-                "augment": self.augment, "crop_scale": list(self.crop_scale), "interpolation": "bicubic"}
-
-    def __call__(self, image: Image.Image, key: str = "", seed: int = 0) -> torch.Tensor:
-        from torchvision.transforms import functional as TF
-        from torchvision.transforms import InterpolationMode, RandomResizedCrop
-
-        image = image.convert("RGB")
-        if self.augment == "random_resized_crop":
-            generator = torch.Generator().manual_seed(_stable_seed(key, seed))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-                top, left, h, w = RandomResizedCrop.get_params(image, self.crop_scale, (3 / 4, 4 / 3))
-            image = TF.resized_crop(image, top, left, h, w, [self.image_size, self.image_size],
-                                    interpolation=InterpolationMode.BICUBIC)
-        else:
-            image = TF.resize(image, self.image_size, interpolation=InterpolationMode.BICUBIC)
-            image = TF.center_crop(image, [self.image_size, self.image_size])
-        # to_tensor + normalize in one numpy pass (the same arithmetic, a fraction of the per-call overhead)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1).div_(255.0)
-        return pixels.sub_(self._mean).div_(self._std)
-
-    @property
-    def _mean(self) -> torch.Tensor:
-        return torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)
-
-    @property
-    def _std(self) -> torch.Tensor:
-        return torch.tensor(self.std, dtype=torch.float32).view(3, 1, 1)
-
-
-def _stable_seed(key: str, seed: int) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{key}|{seed}".encode(), digest_size=4).digest(), "little")
-
-
 # --------------------------------------------------------------------------- reading
 
 @dataclasses.dataclass
@@ -165,6 +119,8 @@ class ImageTextShards(torch.utils.data.IterableDataset):
     """Samples of image–text shards, decoded, transformed and tokenised.
 
     source: a directory with `shards.json`, or a list of `.tar` paths.
+    split_by_node: each distributed process reads only its share of the shards (plain loops; leave it off
+    under the HF Trainer / accelerate, which split the stream themselves).
     on_error: 'skip' — a missing or corrupt shard, or an undecodable sample, is logged with its shard
     name and counted in `stats.skipped_samples`, and the pass goes on; 'stop' — raise `DataError`
     naming the shard.
@@ -173,7 +129,7 @@ class ImageTextShards(torch.utils.data.IterableDataset):
     def __init__(self, source: str | Sequence[str], transform: Callable, tokenizer: Any, *, style: Style = "hf",
                  max_length: int | None = None, shuffle_buffer: int = 0, shardshuffle: int | bool = False,
                  seed: int = 0, on_error: Literal["skip", "stop"] = "skip", augmentation_seeds: int = 1,
-                 languages: Sequence[str] | None = None) -> None:
+                 languages: Sequence[str] | None = None, split_by_node: bool = False) -> None:
         super().__init__()
         if on_error not in ("skip", "stop"):
             raise ConfigError(f"on_error={on_error!r}; valid: ['skip', 'stop']")
@@ -191,6 +147,7 @@ class ImageTextShards(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.shardshuffle, self.seed = int(shuffle_buffer), shardshuffle, int(seed)
         self.on_error, self.augmentation_seeds = on_error, max(int(augmentation_seeds), 1)
         self.languages = set(languages) if languages else None
+        self.split_by_node = bool(split_by_node)
         self.epoch = 0
         self.stats = LoaderStats()
 
@@ -200,7 +157,7 @@ class ImageTextShards(torch.utils.data.IterableDataset):
 
     def fingerprint(self) -> str:
         """Hash of everything that changes what the teacher sees: preprocessing, tokenizer, seeds."""
-        from .compat import tokenizer_identity
+        from vlmdistill.vocab import tokenizer_identity
 
         describe = getattr(self.transform, "describe", None)
         payload = {"transform": describe() if callable(describe) else repr(self.transform),
@@ -235,17 +192,7 @@ class ImageTextShards(torch.utils.data.IterableDataset):
 
     # ------------------------------------------------------------------ samples
     def _tokenize(self, caption: str) -> torch.Tensor:
-        if self.style == "open_clip":
-            return self.tokenizer([caption])[0]
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        remembered = getattr(backend, "truncation", None)  # set by an earlier call of the wrapper
-        if backend is not None and not backend.padding and (remembered is None or
-                                                             remembered.get("max_length") == self.max_length):
-            ids = backend.encode(caption).ids  # the fast path: no per-call wrapper overhead
-            if self.max_length is None or len(ids) <= self.max_length:
-                return torch.tensor(ids, dtype=torch.long)
-        ids = self.tokenizer(caption, truncation=self.max_length is not None, max_length=self.max_length)["input_ids"]
-        return torch.tensor(ids, dtype=torch.long)
+        return tokenize_caption(self.tokenizer, caption, style=self.style, max_length=self.max_length)
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
         image_bytes = raw.get("png", raw.get("jpg", raw.get("jpeg")))
@@ -263,7 +210,8 @@ class ImageTextShards(torch.utils.data.IterableDataset):
         seed = self.seed + self.epoch
         augmentation_seed = self.epoch % self.augmentation_seeds
         pipeline = wds.WebDataset(self.urls, shardshuffle=self.shardshuffle, seed=seed, handler=self._handle,
-                                  nodesplitter=wds.split_by_node, empty_check=False)
+                                  nodesplitter=wds.split_by_node if self.split_by_node else _every_shard,
+                                  empty_check=False)
         rng = random.Random(seed)
         stream = self._samples(pipeline, augmentation_seed)
         if self.shuffle_buffer > 1:
@@ -295,6 +243,11 @@ class ImageTextShards(torch.utils.data.IterableDataset):
                    "caption": decoded["caption"], "language": decoded["language"]}
 
 
+def _every_shard(urls):
+    """Node splitter that keeps every shard (accelerate splits the stream between processes itself)."""
+    return urls
+
+
 def _shuffled(stream: Iterable, size: int, rng: random.Random) -> Iterator:
     buffer: list = []
     for item in stream:
@@ -303,39 +256,3 @@ def _shuffled(stream: Iterable, size: int, rng: random.Random) -> Iterator:
             yield buffer.pop(rng.randrange(len(buffer)))
     while buffer:
         yield buffer.pop(rng.randrange(len(buffer)))
-
-
-# --------------------------------------------------------------------------- batching
-
-class ImageTextCollator:
-    """Stacks pixels, pads token ids (right padding, `attention_mask`), keeps `sample_key` as a list and
-    `augmentation_seed` as a tensor. Works with English and Chinese captions in one batch: the shared
-    tokenizer has already turned both into ids. `keep_metadata` adds the `language` and `caption` lists
-    (for per-language bookkeeping; drop them before calling a model)."""
-
-    def __init__(self, pad_token_id: int = 0, *, style: Style = "hf", keep_metadata: bool = False) -> None:
-        self.pad_token_id, self.style, self.keep_metadata = int(pad_token_id), style, keep_metadata
-
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        if not samples:
-            raise DataError("empty batch")
-        pixel_key, ids_key = ("pixel_values", "input_ids") if self.style == "hf" else ("image", "text")
-        batch: dict[str, Any] = {pixel_key: torch.stack([s[pixel_key] for s in samples])}
-        if self.style == "hf":
-            lengths = [len(s[ids_key]) for s in samples]
-            ids = torch.full((len(samples), max(lengths)), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, s in enumerate(samples):
-                ids[i, :lengths[i]] = torch.as_tensor(s[ids_key])
-                mask[i, :lengths[i]] = 1
-            batch["input_ids"], batch["attention_mask"] = ids, mask
-        else:
-            batch["text"] = torch.stack([torch.as_tensor(s[ids_key]) for s in samples])
-        if "sample_key" in samples[0]:
-            batch["sample_key"] = [s["sample_key"] for s in samples]
-        if "augmentation_seed" in samples[0]:
-            batch["augmentation_seed"] = torch.tensor([int(s["augmentation_seed"]) for s in samples])
-        for name in ("language", "caption") if self.keep_metadata else ():
-            if name in samples[0]:
-                batch[name] = [s[name] for s in samples]
-        return batch

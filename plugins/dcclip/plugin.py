@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmdistill.data.image_text import decode_keys
 from vlmdistill.distributed import gathered_parameters
 from vlmdistill.errors import ConfigError, DataError, IncompatibleTeacherError, UnsupportedModelError
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
@@ -261,6 +262,8 @@ class DCCLIPPlugin(DistillationPlugin):
         if keys is None:
             raise DataError("dcclip: teacher_cache is set, so every batch needs a 'sample_key' column (and "
                             "'augmentation_seed' when augmentations vary) to look the teacher features up")
+        if isinstance(keys, torch.Tensor) and keys.dim() == 2 and keys.dtype == torch.uint8:
+            keys = decode_keys(keys)  # the collator's byte rows (tensors survive accelerate's batch dispatch)
         keys = [str(k) for k in (keys.tolist() if isinstance(keys, torch.Tensor) else keys)]
         seeds = extras.get("augmentation_seed")
         if seeds is None:
@@ -336,7 +339,8 @@ class DCCLIPPlugin(DistillationPlugin):
 
         if self.student_spec is not None and self.student_spec.is_open_clip:
             if is_main_process():
-                export.save_open_clip(student, directory, self.runtime.get("open_clip_config"), state_dict=state_dict)
+                config = self.runtime.get("open_clip_config") or getattr(student, "open_clip_model_cfg", None)
+                export.save_open_clip(student, directory, config, state_dict=state_dict)
             return
         super().save_student(student, directory, state_dict=state_dict)
         if is_main_process():

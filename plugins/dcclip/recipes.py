@@ -12,7 +12,6 @@ recipe's data (every augmentation seed) and writes the cache to `config.teacher_
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Optional
 
 from vlmdistill.errors import ConfigError
@@ -22,9 +21,9 @@ from vlmdistill.recipes import register_data_builder, register_model_builder
 def _tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(path):
-        raise ConfigError(f"tokenizer {path!r} is not a local folder (nothing is downloaded)")
-    return AutoTokenizer.from_pretrained(path)
+    from vlmdistill.hf import from_local_folder
+
+    return from_local_folder(AutoTokenizer, path, role="tokenizer")
 
 
 @register_model_builder("dcclip-hf-clip")
@@ -40,23 +39,36 @@ def build_hf_clip(tokenizer: str, family: str = "clip", hidden: int = 32, layers
 
 
 @register_data_builder("dcclip-image-text")
-def build_image_text(student, teacher, shards: str, tokenizer: str, image_size: int = 24, max_length: int = 32,
-                     shuffle_buffer: int = 1000, shardshuffle: int = 4, seed: int = 0, on_error: str = "skip",
-                     augment: str = "none", augmentation_seeds: int = 1,
-                     mean: Optional[list[float]] = None, std: Optional[list[float]] = None):
+def build_image_text(student, teacher, shards: str, tokenizer: str, image_size: Optional[int] = None,
+                     max_length: int = 32, shuffle_buffer: int = 1000, shardshuffle: int = 4, seed: int = 0,
+                     on_error: str = "skip", augment: str = "none", augmentation_seeds: int = 1,
+                     mean: Optional[list[float]] = None, std: Optional[list[float]] = None,
+                     image_processor: Optional[str] = None):
     """(dataset, collator, wrap kwargs) over image–text shards, in the student's own input names; the wrap
-    kwargs give the plugin the tokenizer (for both towers) and the data fingerprint its cache checks."""
-    from .data import OPENAI_MEAN, OPENAI_STD, ClipImageTransform, ImageTextCollator, ImageTextShards
+    kwargs give the plugin the tokenizer (for both towers) and the data fingerprint its cache checks.
+
+    Preprocessing is the student's (`image_processor`, else its config); `image_size` / `mean` / `std`
+    override it, and a size the student cannot take is refused here rather than at the first step."""
+    from vlmdistill.data.image_text import ClipImageTransform, image_transform_for
+
+    from .data import ImageTextCollator, ImageTextShards
     from .families import describe_model
 
     tok = _tokenizer(tokenizer)
     style = "open_clip" if describe_model(student, role="student").is_open_clip else "hf"
-    transform = ClipImageTransform(image_size, mean or OPENAI_MEAN, std or OPENAI_STD, augment=augment)
+    transform = image_transform_for(student, image_processor, augment=augment, image_size=image_size)
+    if mean is not None or std is not None:
+        if not isinstance(transform, ClipImageTransform):
+            raise ConfigError("mean / std override the config-derived preprocessing; with image_processor= they "
+                              "come from the processor")
+        transform = ClipImageTransform(transform.image_size, mean or transform.mean, std or transform.std,
+                                       augment=augment, resize_mode=transform.resize_mode,
+                                       interpolation=transform.interpolation)
     dataset = ImageTextShards(shards, transform, tok, style=style, max_length=max_length,
                               shuffle_buffer=shuffle_buffer, shardshuffle=shardshuffle, seed=seed, on_error=on_error,
                               augmentation_seeds=augmentation_seeds)
     runtime = {"student_tokenizer": tok, "teacher_tokenizer": tok, "data_fingerprint": dataset.fingerprint()}
-    return dataset, ImageTextCollator(tok.pad_token_id, style=style), runtime
+    return dataset, ImageTextCollator(tok.pad_token_id, style=style, pad_to=max_length), runtime
 
 
 def cache_teacher_main(argv: list[str] | None = None) -> int:

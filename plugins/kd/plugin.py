@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmdistill.errors import UnsupportedModelError
+from vlmdistill.errors import DataError, UnsupportedModelError
 from vlmdistill.hf import forward_parameters, infer_width, loss_shifts_labels, output_width
 from vlmdistill.hooks import ActivationCapture, get_submodule
 from vlmdistill.losses import (auto_chunk_rows, divergence_loss, feature_loss, standardize_logits,
@@ -86,10 +86,13 @@ class KDPlugin(DistillationPlugin):
         if fused:
             del student_inputs["labels"]
         elif num_items_in_batch is not None and shifts and labels is not None:
-            student_inputs["num_items_in_batch"] = num_items_in_batch  # HF causal-LM loss: sum / window count
+            # HF causal-LM loss: sum / window count (clamped: an all-masked window gives 0, not NaN)
+            student_inputs["num_items_in_batch"] = self.normaliser(0, num_items_in_batch)
         with self._recording(self._student_capture) as s_feats:
             s_out = student(**student_inputs)
         s_logits = s_out["logits"] if isinstance(s_out, dict) else s_out.logits
+        if labels is not None:
+            _check_label_shape(labels, s_logits)
 
         rows = self._distilled_rows(s_logits, labels, inputs.get("attention_mask"), shifts)
         teacher_inputs = self._teacher_inputs(inputs, rows, shifts)
@@ -207,3 +210,16 @@ class KDPlugin(DistillationPlugin):
             raise UnsupportedModelError(f"the student's {type(s_out).__name__} has no loss for labels of shape "
                                         f"{tuple(labels.shape)}; kd computes CE itself only for class-index labels")
         return loss
+
+
+def _check_label_shape(labels: torch.Tensor, logits: torch.Tensor) -> None:
+    """Labels must line up with the logit rows; a mismatch would otherwise pair the wrong rows silently."""
+    if logits.dim() >= 3:
+        ok = tuple(labels.shape) == tuple(logits.shape[:-1])
+        expected = f"{tuple(logits.shape[:-1])} (one label per logit row)"
+    else:  # one row per sample: class indices [B], or per-class targets [B, C]
+        ok = labels.shape[0] == logits.shape[0] and (labels.dim() == 1 or tuple(labels.shape) == tuple(logits.shape))
+        expected = f"({logits.shape[0]},) or {tuple(logits.shape)}"
+    if not ok:
+        raise DataError(f"kd: labels of shape {tuple(labels.shape)} do not fit logits of shape "
+                        f"{tuple(logits.shape)}; expected labels of shape {expected}")

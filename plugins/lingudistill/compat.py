@@ -50,13 +50,23 @@ def check_architectures(student_config: Any, teacher_config: Any) -> None:
                 f"{name} differs (student {s_value!r} vs teacher {t_value!r})")
 
 
+def sliding_window(config: Any) -> int | None:
+    """The window of a sliding-window decoder (all layers, or the `sliding_attention` ones), or None."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    return window if layer_types is None or "sliding_attention" in layer_types else None
+
+
 def check_attention_features(config: Any, role: str) -> None:
-    """Refuse attention variants the two-source attention does not reproduce."""
+    """Refuse attention variants the two-source attention does not reproduce. Sliding-window layers equal full
+    causal attention on sequences no longer than the window, which `LinguDistillPlugin.plan` checks per batch."""
     layer_types = getattr(config, "layer_types", None) or []
-    odd = sorted({t for t in layer_types if t != "full_attention"})
+    odd = sorted({t for t in layer_types if t not in ("full_attention", "sliding_attention")})
     if odd:
-        raise UnsupportedModelError(f"{role} language model has {odd} layers; lingudistill supports full causal "
-                                    "attention only")
+        raise UnsupportedModelError(f"{role} language model has {odd} layers; lingudistill supports causal "
+                                    "self-attention layers only")
     for attr in ("attn_logit_softcapping", "final_logit_softcapping"):
         if getattr(config, attr, None):
             raise UnsupportedModelError(f"{role} language model uses {attr}={getattr(config, attr)}; not supported")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmdistill.errors import ConfigError, UnsupportedModelError
+from vlmdistill.errors import ConfigError, DataError, UnsupportedModelError
 from vlmdistill.hf import base_model
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
 from vlmdistill.teachers import has_active_adapters
@@ -30,10 +30,10 @@ from .attention import AttentionRouter, ForwardState
 from vlmdistill.vocab import shared_vocabulary
 
 from .compat import (check_architectures, check_attention_features, check_attention_implementation, head_dim,
-                     head_width)
+                     head_width, sliding_window)
 from .config import LinguDistillConfig
-from .families import family_of, text_decoder, visual_token_ids
-from vlmdistill.losses import task_and_distill_sums
+from .families import text_decoder, visual_token_ids
+from vlmdistill.losses import auto_chunk_rows, task_and_distill_sums
 from .layout import build_layout, distilled_rows, document_ids, prompt_mask
 from .loss import kd_sum, task_ce_sums
 from .selection import sample_kd_mask
@@ -74,7 +74,7 @@ class LinguDistillPlugin(DistillationPlugin):
     config_class = LinguDistillConfig
     teacher_policy = "required"
     extra_inputs = ("kd_mask", "dataset")
-    runtime_args = ("student_tokenizer", "teacher_tokenizer")
+    runtime_args = ("student_tokenizer", "teacher_tokenizer", "student_processor")
     demo = "vlmdistill.eval.experiments.lingudistill:main"
 
     def __init__(self, config: LinguDistillConfig, **runtime: Any) -> None:
@@ -82,6 +82,8 @@ class LinguDistillPlugin(DistillationPlugin):
         self.router = AttentionRouter()
         self.shared_width: int | None = None
         self._visual_ids: torch.Tensor | None = None
+        self._teacher_readable = 0
+        self._window: int | None = None
         self._teacher_lm: TeacherLM | None = None
         # Plain attributes: the student's decoder must not be registered (and saved) a second time in the plugin
         object.__setattr__(self, "_student_decoder", None)
@@ -98,7 +100,6 @@ class LinguDistillPlugin(DistillationPlugin):
         if self._teacher_is_student_base and not cfg.detach_shared_kv:
             raise ConfigError("detach_shared_kv=False needs a separate teacher: with teacher='base' the KD gradient "
                               "would run through the student's own (base) weights")
-        family = family_of(student)
         decoder = text_decoder(student)
         s_config = decoder.config
         check_attention_features(s_config, "student")
@@ -109,13 +110,25 @@ class LinguDistillPlugin(DistillationPlugin):
         check_attention_features(t_config, "teacher")
         check_attention_implementation(t_config, "teacher")
         check_architectures(s_config, t_config)
+        processor = self.runtime.get("student_processor")
+        s_tok = self.runtime.get("student_tokenizer") or getattr(processor, "tokenizer", None)
+        t_tok = self.runtime.get("teacher_tokenizer")
         student_head = base_model(student).get_output_embeddings()
-        self.shared_width = shared_vocabulary(
-            head_width(student_head), teacher_lm.vocab_size,
-            student_tokenizer=self.runtime.get("student_tokenizer"),
-            teacher_tokenizer=self.runtime.get("teacher_tokenizer"), trust_prefix=cfg.trust_vocab_prefix)
-        ids = visual_token_ids(student, family, self.runtime.get("student_tokenizer")) | set(cfg.extra_shared_token_ids)
+        self.shared_width = shared_vocabulary(head_width(student_head), teacher_lm.vocab_size,
+                                              student_tokenizer=s_tok, teacher_tokenizer=t_tok,
+                                              trust_prefix=cfg.trust_vocab_prefix)
+        ids = visual_token_ids(student, s_tok, processor) | set(cfg.extra_shared_token_ids)
+        if not ids:
+            raise UnsupportedModelError(
+                f"{type(base_model(student)).__name__}.config names no image or video token id (no "
+                "`*image*_token_id` / `*_token_index` attribute) and no processor was given: lingudistill shares the "
+                "student's K/V at those positions. Pass student_processor=, or extra_shared_token_ids; for a "
+                "text-only student use plugin='kd'")
         self._visual_ids = torch.tensor(sorted(ids), dtype=torch.long)
+        # Ids past the teacher's tokenizer are padding rows of its head: the teacher cannot read those tokens.
+        self._teacher_readable = min(teacher_lm.vocab_size, len(t_tok)) if t_tok is not None else teacher_lm.vocab_size
+        windows = [w for w in (sliding_window(s_config), sliding_window(t_config)) if w is not None]
+        self._window = min(windows) if windows else None
         if cfg.kernel == "triton":
             self._check_triton(s_config, teacher_lm)
         self._teacher_lm = teacher_lm
@@ -195,18 +208,19 @@ class LinguDistillPlugin(DistillationPlugin):
     def _loss_sums(self, logits, labels, row_weight, plan: BatchPlan, hidden):
         """(weighted total, CE sum, KD sum) of one micro-batch, not yet divided by the item count."""
         cfg = self.config
+        chunk_rows = cfg.chunk_rows or auto_chunk_rows(logits.shape[-1], logits.device)
         if cfg.detach_shared_kv:
             total, ce_sum, kd = task_and_distill_sums(
                 logits, labels, row_weight, plan.distilled, hidden, self._teacher_head, alpha=cfg.alpha,
                 width=self.shared_width, kind=cfg.divergence, temperature=cfg.temperature, jsd_beta=cfg.jsd_beta,
-                chunk_rows=cfg.chunk_rows)
+                chunk_rows=chunk_rows)
         else:  # the KD gradient also runs back through the teacher: plain autograd on both sides
             ce_sum, total = task_ce_sums(logits, labels, row_weight)
             kd = torch.zeros((), device=logits.device)
             if hidden is not None:
                 b, t = plan.state.layout.distill_position
                 kd = kd_sum(logits[b, t], hidden, self._teacher_head, width=self.shared_width, kind=cfg.divergence,
-                            temperature=cfg.temperature, jsd_beta=cfg.jsd_beta, chunk_rows=cfg.chunk_rows)
+                            temperature=cfg.temperature, jsd_beta=cfg.jsd_beta, chunk_rows=chunk_rows)
                 total = total + cfg.alpha * kd
         return total, ce_sum, kd
 
@@ -216,9 +230,17 @@ class LinguDistillPlugin(DistillationPlugin):
         input_ids, labels = inputs.get("input_ids"), inputs["labels"]
         if input_ids is None:
             raise UnsupportedModelError("lingudistill needs input_ids (it finds the image tokens there)")
+        if labels.shape != input_ids.shape:
+            raise DataError(f"lingudistill: labels of shape {tuple(labels.shape)} do not fit input_ids of shape "
+                            f"{tuple(input_ids.shape)}; give one label per token (-100 where unsupervised)")
         device = input_ids.device
         kd_mask = sample_kd_mask(cfg, extras, input_ids.shape[0], device)
-        unreadable = torch.isin(input_ids, self._visual_ids.to(device)) | (input_ids >= self._teacher_lm.vocab_size)
+        if self._window is not None and input_ids.shape[1] > self._window:
+            raise UnsupportedModelError(
+                f"lingudistill: the language model attends within a sliding window of {self._window} tokens and this "
+                f"batch has {input_ids.shape[1]} positions; the teacher pass is fully causal, which equals the window "
+                "only on sequences no longer than it. Truncate to the window")
+        unreadable = torch.isin(input_ids, self._visual_ids.to(device)) | (input_ids >= self._teacher_readable)
         attention_mask = inputs.get("attention_mask")
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         use_cache = inputs.get("use_cache")

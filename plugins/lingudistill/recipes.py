@@ -31,9 +31,12 @@ def prepare_parts(folder: str = DEFAULT_PARTS, lm_steps: int = 400, vision_steps
 
         train_texts, _ = split_by_module(stdlib_docstrings())
         tokenizer = train_tokenizer(train_texts, vocab_size=vocab)
-        lm = train_language_model(pack_examples(train_texts, tokenizer, BLOCK), len(tokenizer), lm_steps)
-        images, labels, _, _ = load_digits_images(size=16)
-        vision = train_vision_encoder(images, labels, vision_steps)
+        # The caller's random stream must not depend on whether the parts existed already: a first run and a
+        # rerun then build the same model (a fresh projector) from the same seed.
+        with torch.random.fork_rng(devices=[]):
+            lm = train_language_model(pack_examples(train_texts, tokenizer, BLOCK), len(tokenizer), lm_steps)
+            images, labels, _, _ = load_digits_images(size=16)
+            vision = train_vision_encoder(images, labels, vision_steps)
         tokenizer.save_pretrained(paths["tokenizer"])
         lm.save_pretrained(paths["language_model"])
         vision.save_pretrained(paths["vision_encoder"])

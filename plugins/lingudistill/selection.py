@@ -11,13 +11,13 @@ from vlmdistill.errors import ConfigError
 from .config import LinguDistillConfig
 
 
-def _names(value: Any) -> list[str]:
+def _names(value: Any) -> list[str | None]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, torch.Tensor):
         raise ConfigError("the batch's `dataset` must hold dataset names (strings), not a tensor; pass per-sample "
                           "flags as `kd_mask` instead")
-    return [str(v) for v in value]
+    return [None if v is None or v == "" else str(v) for v in value]
 
 
 def sample_kd_mask(config: LinguDistillConfig, extras: dict[str, Any], batch_size: int,
@@ -38,7 +38,9 @@ def sample_kd_mask(config: LinguDistillConfig, extras: dict[str, Any], batch_siz
     return torch.full((batch_size,), config.kd_by_default, dtype=torch.bool, device=device)
 
 
-def distil_dataset(config: LinguDistillConfig, name: str) -> bool:
+def distil_dataset(config: LinguDistillConfig, name: str | None) -> bool:
+    if name is None:  # a sample without a dataset name
+        return config.kd_by_default
     category = config.dataset_categories.get(name)
     if category is None:
         if config.unknown_dataset == "error":

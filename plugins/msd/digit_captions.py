@@ -60,21 +60,28 @@ def normalise_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 class DigitCaptions(torch.utils.data.Dataset):
-    """(pixel_values, input_ids) pairs; the caption template is drawn afresh at every access (seeded).
+    """(pixel_values, input_ids) pairs; each epoch draws every image's caption template afresh.
 
-    Items hold only model inputs, so the Trainer's column pruning keeps them; `collate` pads."""
+    The draw is a function of (seed, epoch, index) alone — not of a running generator — so a run resumed from a
+    checkpoint sees exactly the captions the uninterrupted run saw (the Trainer calls `set_epoch`). Items hold only
+    model inputs, so the Trainer's column pruning keeps them; `collate` pads."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, tokenizer, seed: int = 0) -> None:
         self.pixels = normalise_pixels(images)
         self.labels = labels
         self.tokenizer = tokenizer
-        self.rng = random.Random(seed)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def caption(self, index: int) -> str:
-        return digit_caption(int(self.labels[index]), "en", self.rng.randrange(len(CAPTION_TEMPLATES_EN)))
+        draw = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+        return digit_caption(int(self.labels[index]), "en", draw.randrange(len(CAPTION_TEMPLATES_EN)))
 
     def __getitem__(self, index: int) -> dict:
         ids = self.tokenizer(self.caption(index))["input_ids"]

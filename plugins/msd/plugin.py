@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmdistill.distributed import gathered_parameters
 from vlmdistill.errors import UnsupportedModelError
 from vlmdistill.hooks import get_submodule
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
-from vlmdistill.distributed import gathered_parameters
+from vlmdistill.precision import full_precision
 from vlmdistill.teachers import EMATeacher, module_device
 
 from .config import TEMPERATURE_MAX, TEMPERATURE_MIN, MSDConfig
@@ -190,8 +191,9 @@ class MSDPlugin(DistillationPlugin):
         offset = window.offsets[index]
         positives = torch.arange(offset, offset + image.shape[0], device=image.device)
         scale = self.logit_scale().to(image.device, image.dtype)
-        i2t, t2i = momentum_contrastive_rows(image, text, image_keys, text_keys, positives,
-                                             alpha=self.current_alpha(), logit_scale=scale)
+        with full_precision(image.device):  # similarities over B + K keys in fp32, also under bf16 autocast
+            i2t, t2i = momentum_contrastive_rows(image, text, image_keys, text_keys, positives,
+                                                 alpha=self.current_alpha(), logit_scale=scale)
         rows = 0.5 * (i2t + t2i)
         loss = rows.sum() * self._row_weight(window, num_items_in_batch)
         terms = {"i2t": i2t.mean().detach(), "t2i": t2i.mean().detach()}

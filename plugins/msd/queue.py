@@ -39,8 +39,9 @@ class KeyQueues:
         """Write `[n, D]` keys at the pointer, wrapping around; with n > K only the last K are kept."""
         if self.size == 0:
             return
-        if not self.allocated:
-            self.allocate(image_keys.shape[1], image_keys.dtype, image_keys.device)
+        if not self.allocated:  # fp32 at least: keys of a bf16 model are not rounded again in the queue
+            self.allocate(image_keys.shape[1], torch.promote_types(image_keys.dtype, torch.float32),
+                          image_keys.device)
         if self.image.device != image_keys.device:
             self.image, self.text = self.image.to(image_keys.device), self.text.to(image_keys.device)
         n = image_keys.shape[0]

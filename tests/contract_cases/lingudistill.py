@@ -13,7 +13,10 @@ from contract_cases import ContractCase
 VOCAB = 80
 IMAGE_TOKEN = 79          # LLaVA / Idefics3 image placeholder
 QWEN_IDS = {"image_token_id": 79, "video_token_id": 78, "vision_start_token_id": 77, "vision_end_token_id": 76}
-TOKENS_PER_IMAGE = 4
+#: image placeholder tokens one 16x16 image takes in each family's tiny config
+TOKENS_PER_IMAGE = {"llava": 4, "idefics3": 4, "smolvlm": 4, "qwen2_vl": 4, "qwen2_5_vl": 4, "idefics2": 4,
+                    "mistral3": 4, "llava_onevision": 10}
+MROPE = ("qwen2_vl", "qwen2_5_vl")
 TEXT_IDS = (3, 70)        # ordinary text tokens are drawn from [3, 70)
 
 
@@ -23,41 +26,41 @@ def text_config(hidden: int = 32, heads: int = 4, kv_heads: int = 2, layers: int
                 attention_dropout=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
 
 
-def tiny_llava(seed: int = 0, dtype=torch.float32, **text):
+def tiny_llava(seed: int = 0, dtype=torch.float32, image_token_id: int = IMAGE_TOKEN, **text):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                               image_size=16, patch_size=8, projection_dim=16)
     cfg = LlavaConfig(text_config=LlamaConfig(**text_config(**text)).to_dict(), vision_config=vision.to_dict(),
-                      image_token_id=IMAGE_TOKEN, projector_hidden_act="gelu", vision_feature_layer=-1,
+                      image_token_id=image_token_id, projector_hidden_act="gelu", vision_feature_layer=-1,
                       vision_feature_select_strategy="default")
     return LlavaForConditionalGeneration(cfg).to(dtype)
 
 
-def tiny_idefics3(seed: int = 0, dtype=torch.float32, **text):
+def tiny_idefics3(seed: int = 0, dtype=torch.float32, image_token_id: int = IMAGE_TOKEN, **text):
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, LlamaConfig
 
     torch.manual_seed(seed)
     cfg = Idefics3Config(text_config=LlamaConfig(**text_config(**text)).to_dict(),
                          vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                             num_attention_heads=2, image_size=16, patch_size=4),
-                         image_token_id=IMAGE_TOKEN, scale_factor=2)
+                         image_token_id=image_token_id, scale_factor=2)
     return Idefics3ForConditionalGeneration(cfg).to(dtype)
 
 
-def tiny_smolvlm(seed: int = 0, dtype=torch.float32, **text):
+def tiny_smolvlm(seed: int = 0, dtype=torch.float32, image_token_id: int = IMAGE_TOKEN, **text):
     from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration
 
     torch.manual_seed(seed)
     cfg = SmolVLMConfig(text_config=LlamaConfig(**text_config(**text)).to_dict(),
                         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                            num_attention_heads=2, image_size=16, patch_size=4),
-                        image_token_id=IMAGE_TOKEN, scale_factor=2)
+                        image_token_id=image_token_id, scale_factor=2)
     return SmolVLMForConditionalGeneration(cfg).to(dtype)
 
 
-def tiny_qwen2_vl(seed: int = 0, dtype=torch.float32, hidden: int = 32, heads: int = 4, **text):
+def tiny_qwen2_vl(seed: int = 0, dtype=torch.float32, hidden: int = 32, heads: int = 4, ids=None, **text):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -67,25 +70,87 @@ def tiny_qwen2_vl(seed: int = 0, dtype=torch.float32, hidden: int = 32, heads: i
     cfg = Qwen2VLConfig(text_config=text_config(hidden=hidden, heads=heads, rope_parameters=rope, **text),
                         vision_config=dict(depth=1, embed_dim=16, hidden_size=hidden, num_heads=2, patch_size=4,
                                            spatial_merge_size=2, temporal_patch_size=2),
-                        **QWEN_IDS)
+                        **(ids or QWEN_IDS))
     return Qwen2VLForConditionalGeneration(cfg).to(dtype)
 
 
-FAMILY_BUILDERS = {"llava": tiny_llava, "idefics3": tiny_idefics3, "smolvlm": tiny_smolvlm, "qwen2_vl": tiny_qwen2_vl}
+def tiny_qwen2_5_vl(seed: int = 0, dtype=torch.float32, hidden: int = 32, heads: int = 4, **text):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    half = hidden // heads // 2
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": [half - 2 * (half // 4), half // 4, half // 4]}
+    cfg = Qwen2_5_VLConfig(text_config=text_config(hidden=hidden, heads=heads, rope_parameters=rope, **text),
+                           vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                              out_hidden_size=hidden, patch_size=4, spatial_merge_size=2,
+                                              temporal_patch_size=2, window_size=8, fullatt_block_indexes=[0]),
+                           **QWEN_IDS)
+    return Qwen2_5_VLForConditionalGeneration(cfg).to(dtype)
+
+
+def tiny_llava_onevision(seed: int = 0, dtype=torch.float32, **text):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config
+
+    torch.manual_seed(seed)
+    vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=8)
+    cfg = LlavaOnevisionConfig(text_config=Qwen2Config(**text_config(**text)).to_dict(), vision_config=vision,
+                               image_token_id=IMAGE_TOKEN, video_token_id=QWEN_IDS["video_token_id"],
+                               vision_feature_layer=-1, vision_feature_select_strategy="full",
+                               vision_aspect_ratio="anyres_max_9", image_grid_pinpoints=[[16, 16]])
+    return LlavaOnevisionForConditionalGeneration(cfg).to(dtype)
+
+
+def tiny_idefics2(seed: int = 0, dtype=torch.float32, **text):
+    from transformers import Idefics2Config, Idefics2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Idefics2Config(text_config=dict(model_type="mistral", sliding_window=None, **text_config(**text)),
+                         vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=16, patch_size=4),
+                         perceiver_config=dict(hidden_size=32, resampler_n_latents=TOKENS_PER_IMAGE["idefics2"],
+                                               resampler_depth=1, resampler_n_heads=2, resampler_head_dim=8,
+                                               num_key_value_heads=1),
+                         image_token_id=IMAGE_TOKEN)
+    return Idefics2ForConditionalGeneration(cfg).to(dtype)
+
+
+def tiny_mistral3(seed: int = 0, dtype=torch.float32, sliding_window=None, **text):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = Mistral3Config(text_config=dict(model_type="mistral", sliding_window=sliding_window, **text_config(**text)),
+                         vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32,
+                                            num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4,
+                                            head_dim=8),
+                         image_token_index=IMAGE_TOKEN, spatial_merge_size=2, vision_feature_layer=-1)
+    return Mistral3ForConditionalGeneration(cfg).to(dtype)
+
+
+FAMILY_BUILDERS = {"llava": tiny_llava, "idefics3": tiny_idefics3, "smolvlm": tiny_smolvlm, "qwen2_vl": tiny_qwen2_vl,
+                   "qwen2_5_vl": tiny_qwen2_5_vl, "llava_onevision": tiny_llava_onevision, "idefics2": tiny_idefics2,
+                   "mistral3": tiny_mistral3}
 
 
 def language_model_copy(student):
     """A causal LM (LlamaForCausalLM / Qwen2ForCausalLM) holding exactly the student LM's weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     text = student.config.get_text_config()
     keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id",
             "pad_token_id")
     values = {k: getattr(text, k) for k in keys}
-    if student.config.model_type == "qwen2_vl":
+    if student.config.model_type in MROPE:
         rope = {k: v for k, v in text.rope_parameters.items() if k != "mrope_section"}
         lm = Qwen2ForCausalLM(Qwen2Config(**values, rope_parameters=rope, tie_word_embeddings=False))
+    elif text.model_type in ("qwen2", "mistral"):
+        cls, config_cls = (Qwen2ForCausalLM, Qwen2Config) if text.model_type == "qwen2" else \
+            (MistralForCausalLM, MistralConfig)
+        lm = cls(config_cls(**values, rope_parameters=dict(text.rope_parameters), tie_word_embeddings=False,
+                            sliding_window=getattr(text, "sliding_window", None)))
     else:
         lm = LlamaForCausalLM(LlamaConfig(**values, rope_parameters=dict(text.rope_parameters),
                                           tie_word_embeddings=False))
@@ -108,26 +173,33 @@ def independent_teacher(student, seed: int = 7):
 
 def vlm_example(family: str, g: torch.Generator, *, length: int = 14, image_at: int | None = 2,
                 answer: int = 5) -> dict:
-    """One un-batched example: text, (optionally) one image, text, then `answer` supervised tokens."""
+    """One un-batched example: text, (optionally) one image, text, then `answer` supervised tokens (longer than
+    `length` where the family's image takes more tokens)."""
+    if image_at is not None:
+        length = max(length, image_at + TOKENS_PER_IMAGE[family] + answer + 2)
     ids = torch.randint(*TEXT_IDS, (length,), generator=g)
     labels = torch.full((length,), -100)
     labels[-answer:] = ids[-answer:]
     example = {"input_ids": ids, "attention_mask": torch.ones(length, dtype=torch.long), "labels": labels}
-    if family == "qwen2_vl":
+    if family in MROPE:
         example["mm_token_type_ids"] = torch.zeros(length, dtype=torch.long)
     if image_at is None:
         return example
-    span = slice(image_at, image_at + TOKENS_PER_IMAGE)
-    if family == "qwen2_vl":
+    n = TOKENS_PER_IMAGE[family]
+    span = slice(image_at, image_at + n)
+    if family in MROPE:
         ids[image_at - 1] = QWEN_IDS["vision_start_token_id"]
         ids[span] = QWEN_IDS["image_token_id"]
-        ids[image_at + TOKENS_PER_IMAGE] = QWEN_IDS["vision_end_token_id"]
+        ids[image_at + n] = QWEN_IDS["vision_end_token_id"]
         example["mm_token_type_ids"][span] = 1
         example.update(pixel_values=torch.rand(16, 3 * 2 * 4 * 4, generator=g), image_grid_thw=torch.tensor([1, 4, 4]))
     else:
         ids[span] = IMAGE_TOKEN
-        shape = (1, 3, 16, 16) if family in ("idefics3", "smolvlm") else (3, 16, 16)
+        shape = {"idefics3": (1, 3, 16, 16), "smolvlm": (1, 3, 16, 16), "idefics2": (1, 3, 16, 16),
+                 "llava_onevision": (2, 3, 16, 16)}.get(family, (3, 16, 16))
         example["pixel_values"] = torch.rand(shape, generator=g)
+        if family in ("llava_onevision", "mistral3"):
+            example["image_sizes"] = torch.tensor([16, 16])
     return example
 
 
