@@ -255,16 +255,19 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def run_recipe(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, callbacks: list | None = None, progress: bool = False) -> dict[str, Any]:
     """Build, wrap and train; write the final wrapper and the exported student. Returns a summary.
 
     Rerun into the same output_dir, it resumes the same recipe from its last whole checkpoint, and returns the
-    stored summary (training nothing) when that run already finished. `callbacks`: extra `TrainerCallback`s."""
+    stored summary (training nothing) when that run already finished. `callbacks`: extra `TrainerCallback`s.
+    Every run writes `log_history.jsonl` and `plots/<term>.png` into output_dir; `progress` shows a progress bar
+    with the current loss terms instead of the Trainer's printed log dicts."""
     import torch
 
     from .api import unwrap, wrap
     from .callback import DistillationTrainer
     from .registry import get_plugin
+    from .run_report import RunReport, remove_log_printers
     from .runs import finish_run, plan_run
 
     plugin_cls = get_plugin(recipe.plugin)  # importing the plugin registers its builders
@@ -284,8 +287,11 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
     wrap_kwargs = {k: v for k, v in wrap_kwargs.items() if k in plugin_cls.runtime_args}
     wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config,
                    on_nonfinite=recipe.on_nonfinite, **wrap_kwargs)
+    report = RunReport(recipe.output_dir, progress=progress)
     trainer = DistillationTrainer(model=wrapped, args=args, train_dataset=train_dataset, data_collator=collator,
-                                  callbacks=list(callbacks or []))
+                                  callbacks=[*(callbacks or []), report])
+    if progress:
+        remove_log_printers(trainer)
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
     final_dir = os.path.join(recipe.output_dir, "final")
     wrapped.save_pretrained(final_dir)
@@ -293,7 +299,7 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
     wrapped.plugin.save_student(unwrap(wrapped), student_dir)
     summary = {"resumed_from": plan.checkpoint, "global_step": trainer.state.global_step,
                "train_loss": result.training_loss, "final": final_dir, "student": student_dir,
-               "log_history": trainer.state.log_history}
+               "log_file": report.log_path, "plots": report.plots, "log_history": trainer.state.log_history}
     finish_run(recipe, summary)
     return summary
 
