@@ -44,9 +44,11 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     if args.dry_run:
-        from .recipes import training_arguments
+        from .recipes import check_recipe, training_arguments
 
         training_arguments(recipe)  # TrainingArguments' own cross-field checks, without building any model
+        for line in check_recipe(recipe):
+            print(line)
         print(json.dumps(recipe.to_dict(), indent=2, default=str))
         return 0
     summary = run_recipe(recipe, progress=True)

@@ -32,6 +32,7 @@ from .hf import from_local_folder
 
 _MODEL_BUILDERS: dict[str, Callable] = {}
 _DATA_BUILDERS: dict[str, Callable] = {}
+_DATA_CHECKS: dict[str, Callable] = {}
 
 
 def register_model_builder(name: str):
@@ -48,6 +49,15 @@ def register_data_builder(name: str):
     are runtime arguments for the plugin (tokenizers, data fingerprints) passed on to `wrap()`."""
     def deco(fn):
         _DATA_BUILDERS[name] = fn
+        return fn
+    return deco
+
+
+def register_data_check(name: str):
+    """Register `fn(config, **builder_kwargs) -> str` for `--dry-run`: it reads and checks the data of the builder
+    `name` without any model (the plugin's typed `config` included) and returns a one-line summary."""
+    def deco(fn):
+        _DATA_CHECKS[name] = fn
         return fn
     return deco
 
@@ -113,8 +123,12 @@ class LoraSpec(PluginConfig):
 class ModelSpec(PluginConfig):
     builder: Optional[str] = option(None, "a registered model builder")
     path: Optional[str] = option(None, "local folder of a transformers model (saved with save_pretrained)")
-    auto_class: str = option("AutoModelForCausalLM", "transformers class used to load `path`: an Auto* class "
-                                                     "or a model class such as LlavaForConditionalGeneration")
+    auto_class: Optional[str] = option(
+        None, "transformers class used to load `path` (an Auto* class or a model class such as "
+              "LlavaForConditionalGeneration); default: the class the folder's config.json names")
+    processor: Optional[str] = option(
+        None, "folder of the processor or tokenizer (default: `path`); recipes pass it to the data builder and, as "
+              "tokenizers, to wrap() for the vocabulary check, and the export saves it beside the student")
     kwargs: dict[str, Any] = option(default_factory=dict, help="builder arguments, or from_pretrained arguments")
     lora: Optional[LoraSpec] = option(None, "wrap the model with PEFT LoRA adapters")
 
@@ -137,6 +151,7 @@ class Recipe(PluginConfig):
     plugin: str = option(help="registered plugin name (see `vlmdistill plugins`)")
     student: ModelSpec = option(help="the model being trained")
     data: DataSpec = option(help="training data")
+    eval_data: Optional[DataSpec] = option(None, "evaluation data, evaluated every `eval_steps` (default: save_steps)")
     teacher: Optional[Union[ModelSpec, Literal["base"]]] = option(
         None, "teacher model; 'base' = the PEFT student with adapters disabled; omit for plugins that build their own")
     config: dict[str, Any] = option(default_factory=dict, help="the plugin's config (checked by the plugin)")
@@ -190,9 +205,9 @@ def build_model(spec: ModelSpec, *, role: str):
     else:
         import transformers
 
-        cls = getattr(transformers, spec.auto_class, None)
-        if cls is None or not hasattr(cls, "from_pretrained"):
-            raise ConfigError(f"{role}.auto_class {spec.auto_class!r} is not a transformers model class")
+        from .checkpoints import model_class
+
+        cls, _ = model_class(spec.path, spec.auto_class, role)
         check_from_pretrained_kwargs(spec.kwargs, role)
         model = from_local_folder(cls, spec.path, role=f"{role}.path", **spec.kwargs)
     if spec.lora is not None:
@@ -240,13 +255,104 @@ def training_arguments(recipe: Recipe):
     from transformers import TrainingArguments
 
     training = check_training_fields(recipe.training)
+    # Builders' datasets hand raw columns (conversations, images) to their collators: the Trainer must keep them.
     defaults = {"report_to": [], "save_strategy": "steps", "save_steps": 100, "logging_steps": 10,
-                "seed": recipe.seed, "use_cpu": not _cuda_available()}
+                "seed": recipe.seed, "use_cpu": not _cuda_available(), "remove_unused_columns": False}
+    if recipe.eval_data is not None:  # evaluate at every checkpoint; the loss only, never gathered logits
+        defaults.update(eval_strategy="steps", eval_steps=training.get("save_steps", 100), prediction_loss_only=True)
     try:
         return TrainingArguments(output_dir=os.path.join(recipe.output_dir, "checkpoints"),
                                  **{**defaults, **training})
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"training: {exc}") from None
+
+
+@dataclasses.dataclass
+class RecipeFolders:
+    """The processors / tokenizers saved in the student's and the teacher's model folders."""
+
+    student_processor: Any = None
+    teacher_processor: Any = None
+
+    @classmethod
+    def load(cls, recipe: Recipe) -> "RecipeFolders":
+        from .checkpoints import load_processor
+
+        def folder(spec):
+            return (spec.processor or spec.path) if isinstance(spec, ModelSpec) else None
+
+        return cls(load_processor(folder(recipe.student)), load_processor(folder(recipe.teacher)))
+
+    def runtime(self) -> dict[str, Any]:
+        """Runtime arguments for wrap(): the tokenizers (a real vocabulary check) and the student's processor."""
+        from .checkpoints import is_multimodal, tokenizer_of
+
+        out = {"student_tokenizer": tokenizer_of(self.student_processor),
+               "teacher_tokenizer": tokenizer_of(self.teacher_processor),
+               "student_processor": self.student_processor if is_multimodal(self.student_processor) else None}
+        return {k: v for k, v in out.items() if v is not None}
+
+    def offer(self, plugin: str) -> dict[str, Any]:
+        """What a data builder may ask for by naming it as a parameter."""
+        return {"plugin": plugin, "student_processor": self.student_processor, **self.runtime()}
+
+
+def builder_arguments(spec: DataSpec, offered: dict[str, Any]) -> tuple[Callable, dict[str, Any]]:
+    """The registered builder and its keyword arguments: the recipe's (checked against its signature) plus each
+    offered object (`plugin`, `student_processor`, `student_tokenizer`, `teacher_tokenizer`) it names."""
+    import inspect
+
+    fn = _lookup(_DATA_BUILDERS, spec.builder, "data builder")
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        valid = [n for n in params if n not in ("student", "teacher") and n not in offered]
+        unknown = sorted(set(spec.kwargs) - set(valid))
+        if unknown:
+            raise ConfigError(f"data builder {spec.builder!r}: unknown argument(s) {unknown}; valid: {', '.join(valid)}")
+        missing = [n for n, p in params.items() if p.default is p.empty and p.kind is not p.VAR_POSITIONAL
+                   and n not in ("student", "teacher") and n not in spec.kwargs and n not in offered]
+        if missing:
+            raise ConfigError(f"data builder {spec.builder!r}: missing argument(s) {missing}")
+    return fn, {**spec.kwargs, **{k: v for k, v in offered.items() if k in params and k not in spec.kwargs}}
+
+
+def build_data(spec: DataSpec, student, teacher, offered: dict[str, Any]):
+    """`(dataset, collator, wrap_kwargs)` from a registered builder."""
+    fn, kwargs = builder_arguments(spec, offered)
+    built = fn(student, teacher, **kwargs)
+    return (*built, {}) if len(built) == 2 else built
+
+
+def check_recipe(recipe: Recipe) -> list[str]:
+    """What `--dry-run` checks beyond the recipe's types, without building a model: model folders (config,
+    class, weights, processor), builders and their arguments, and the data where the builder registered a
+    check. One line per part."""
+    from .api import build_config
+    from .checkpoints import describe_folder
+    from .registry import get_plugin
+
+    plugin_cls = get_plugin(recipe.plugin)
+    config = build_config(plugin_cls, recipe.config, {})
+    lines = [f"plugin: {plugin_cls.name} ({type(config).__name__} checked)"]
+    for role, spec in (("student", recipe.student), ("teacher", recipe.teacher)):
+        if not isinstance(spec, ModelSpec):
+            lines.append(f"{role}: {spec!r}")
+        elif spec.path is not None:
+            lines.append(describe_folder(spec, role))
+        else:
+            _lookup(_MODEL_BUILDERS, spec.builder, "model builder")
+            lines.append(f"{role}: builder {spec.builder} (built when training starts)")
+    offered = RecipeFolders.load(recipe).offer(plugin_cls.name)
+    for name, spec in (("data", recipe.data), ("eval_data", recipe.eval_data)):
+        if spec is None:
+            continue
+        fn, kwargs = builder_arguments(spec, offered)
+        check = _DATA_CHECKS.get(spec.builder)
+        if check is None:
+            lines.append(f"{name}: builder {spec.builder}, arguments checked (its data is read when training starts)")
+        else:
+            lines.append(f"{name}: {check(config, **kwargs)}")
+    return lines
 
 
 def _cuda_available() -> bool:
@@ -265,7 +371,6 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None, progress: bool = F
     import torch
 
     from .api import unwrap, wrap
-    from .callback import DistillationTrainer
     from .registry import get_plugin
     from .run_report import RunReport, remove_log_printers
     from .runs import finish_run, plan_run
@@ -281,15 +386,19 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None, progress: bool = F
         teacher = build_model(recipe.teacher, role="teacher")
     else:
         teacher = recipe.teacher
-    built = _lookup(_DATA_BUILDERS, recipe.data.builder, "data builder")(student, teacher, **recipe.data.kwargs)
-    train_dataset, collator, wrap_kwargs = (*built, {}) if len(built) == 2 else built
+    folders = RecipeFolders.load(recipe)
+    train_dataset, collator, wrap_kwargs = build_data(recipe.data, student, teacher, folders.offer(plugin_cls.name))
+    eval_dataset = eval_collator = None
+    if recipe.eval_data is not None:
+        eval_dataset, eval_collator, _ = build_data(recipe.eval_data, student, teacher, folders.offer(plugin_cls.name))
     # Generic builders offer every runtime object they have (tokenizers, fingerprints); each plugin takes its own.
-    wrap_kwargs = {k: v for k, v in wrap_kwargs.items() if k in plugin_cls.runtime_args}
+    wrap_kwargs = {k: v for k, v in {**folders.runtime(), **wrap_kwargs}.items() if k in plugin_cls.runtime_args}
     wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config,
                    on_nonfinite=recipe.on_nonfinite, **wrap_kwargs)
     report = RunReport(recipe.output_dir, progress=progress)
-    trainer = DistillationTrainer(model=wrapped, args=args, train_dataset=train_dataset, data_collator=collator,
-                                  callbacks=[*(callbacks or []), report])
+    trainer = _recipe_trainer_class()(model=wrapped, args=args, train_dataset=train_dataset,
+                                      eval_dataset=eval_dataset, data_collator=collator, eval_collator=eval_collator,
+                                      callbacks=[*(callbacks or []), report])
     if progress:
         remove_log_printers(trainer)
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
@@ -297,11 +406,35 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None, progress: bool = F
     wrapped.save_pretrained(final_dir)
     student_dir = os.path.join(recipe.output_dir, "student")
     wrapped.plugin.save_student(unwrap(wrapped), student_dir)
+    if folders.student_processor is not None:  # tokenizer, image processor and chat template, as trained with
+        folders.student_processor.save_pretrained(student_dir)
     summary = {"resumed_from": plan.checkpoint, "global_step": trainer.state.global_step,
                "train_loss": result.training_loss, "final": final_dir, "student": student_dir,
                "log_file": report.log_path, "plots": report.plots, "log_history": trainer.state.log_history}
     finish_run(recipe, summary)
     return summary
+
+
+def _recipe_trainer_class():
+    from .callback import DistillationTrainer
+
+    class RecipeTrainer(DistillationTrainer):
+        """Evaluation batches go through the eval data's own collator."""
+
+        def __init__(self, *args, eval_collator=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.eval_collator = eval_collator
+
+        def get_eval_dataloader(self, eval_dataset=None):
+            if self.eval_collator is None:
+                return super().get_eval_dataloader(eval_dataset)
+            train_collator, self.data_collator = self.data_collator, self.eval_collator
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.data_collator = train_collator
+
+    return RecipeTrainer
 
 
 # ---------------------------------------------------------------------------- built-in builders
@@ -365,10 +498,77 @@ def _open_clip_model(**kwargs):
     return load_open_clip(**kwargs)
 
 
-@register_data_builder("image-text")
-def _image_text(student, teacher, **kwargs):
-    """Image–text pairs from an image folder with metadata.jsonl / metadata.csv or a `datasets` folder,
-    preprocessed for the student (and the teacher); see `vlmdistill.data.image_text.build_image_text`."""
-    from .data.image_text import build_image_text
+# "image-text": image–text pairs from an image folder with metadata.jsonl / metadata.csv or a `datasets` folder,
+# preprocessed for the student (and the teacher); registered by its module, with its own signature.
+from .data import image_text as _image_text  # noqa: E402,F401
 
-    return build_image_text(student, teacher, **kwargs)
+
+# ---------------------------------------------------------------------------- chat data
+def _chat_processor(processor: Optional[str], student_processor, chat_template: Optional[str]):
+    from .checkpoints import load_processor
+
+    if processor is not None:
+        if not os.path.isdir(processor):
+            raise ConfigError(f"data.kwargs.processor {processor!r} is not a local folder")
+        student_processor = load_processor(processor)
+    if student_processor is None:
+        raise ConfigError("the conversations builder needs the student's processor (or tokenizer): save it in the "
+                          "student's folder (processor.save_pretrained), or set student.processor or "
+                          "data.kwargs.processor to its folder")
+    if chat_template is not None:  # kept on the processor so that the export carries the template trained with
+        if os.path.isfile(chat_template):
+            with open(chat_template, encoding="utf-8") as fh:
+                chat_template = fh.read()
+        student_processor.chat_template = chat_template
+    return student_processor
+
+
+@register_data_builder("conversations")
+def _conversations(student, teacher, path: str, image_root: Optional[str] = None,
+                   category_column: Optional[str] = None, max_length: Optional[int] = None,
+                   padding_side: str = "right", split: str = "train", chat_template: Optional[str] = None,
+                   processor: Optional[str] = None, max_samples: Optional[int] = None, *, plugin: Optional[str] = None,
+                   student_processor=None):
+    """Chat data (LLaVA JSON/JSONL, chat messages, `datasets` folders or parquet; see
+    `vlmdistill.data.conversations`) collated through the student's processor and chat template (see
+    `vlmdistill.data.chat`). `category_column` names the record field whose value becomes the batch's `dataset`
+    (lingudistill's selective distillation); `chat_template` is a Jinja string or file replacing the processor's."""
+    from .data.chat import ChatCollator
+    from .data.conversations import ConversationDataset
+    from .registry import get_plugin
+
+    if category_column is not None and plugin is not None and "dataset" not in get_plugin(plugin).extra_inputs:
+        raise ConfigError(f"data.kwargs.category_column feeds selective distillation (a `dataset` column), which "
+                          f"plugin {plugin!r} does not take; remove category_column")
+    proc = _chat_processor(processor, student_processor, chat_template)
+    dataset = ConversationDataset(path, image_root=image_root, category_column=category_column, split=split,
+                                  max_samples=max_samples)
+    collator = ChatCollator(proc, max_length=max_length, padding_side=padding_side,
+                            with_categories=category_column is not None)
+    return dataset, collator
+
+
+@register_data_check("conversations")
+def _check_conversations(config, path: str, image_root: Optional[str] = None, category_column: Optional[str] = None,
+                         max_length: Optional[int] = None, padding_side: str = "right", split: str = "train",
+                         chat_template: Optional[str] = None, processor: Optional[str] = None,
+                         max_samples: Optional[int] = None, *, plugin: Optional[str] = None, student_processor=None):
+    """Every record parsed and every image path checked; the first samples collated through the processor; the
+    categories found checked against lingudistill's dataset_categories."""
+    dataset, collator = _conversations(None, None, path, image_root, category_column, max_length, padding_side,
+                                       split, chat_template, processor, max_samples, plugin=plugin,
+                                       student_processor=student_processor)
+    categories = dataset.categories()
+    table = getattr(config, "dataset_categories", None)
+    if category_column is not None and table is not None and getattr(config, "unknown_dataset", "") == "error":
+        unknown = sorted(c for c in categories if c is not None and c not in table)
+        if unknown:
+            raise ConfigError(f"{path}: categories {unknown} (column {category_column!r}) are not in the config's "
+                              f"dataset_categories ({', '.join(sorted(table)) or 'empty'}); add them, or set "
+                              "unknown_dataset to 'distill' or 'skip'")
+    batch = collator([dataset[i] for i in range(min(2, len(dataset)))])
+    with_images = sum(bool(item.images) for item in dataset.items)
+    counts = ", ".join(f"{k if k is not None else '(none)'}: {v}" for k, v in sorted(categories.items(), key=str))
+    return (f"{len(dataset)} conversations from {path} ({with_images} with images; categories {counts}); the first "
+            f"batch collates to input_ids {list(batch['input_ids'].shape)} with "
+            f"{int((batch['labels'] != -100).sum())} supervised tokens")
