@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from contract_cases.lingudistill import collate, independent_teacher, tiny_llava, vlm_example
+from contract_cases.lingudistill import VOCAB, collate, independent_teacher, tiny_llava, vlm_example
 
 import vlmdistill
 from vlmdistill.errors import ConfigError
@@ -225,3 +225,37 @@ def test_without_detach_kd_gradient_reaches_the_students_kv_projections():
     # The projector feeds only the visual K/V seen by the teacher's text queries.
     name = "model.multi_modal_projector.linear_1.weight"
     assert (attached[name] - detached[name]).abs().max() > 1e-8
+
+
+def test_automatic_chunks_take_their_size_from_the_vocabulary(monkeypatch):
+    """chunk_rows=0 (the default) sizes the chunks like kd (`auto_chunk_rows` of the vocabulary and device); the
+    loss and its gradient do not depend on the chunk size."""
+    from vlmdistill.plugins.lingudistill import plugin as plugin_module
+
+    student, teacher = _models()
+    batch = _batch(n=3)
+    wrapped = vlmdistill.wrap(student, plugin="lingudistill", teacher=teacher)
+    assert wrapped.plugin.config.chunk_rows == 0
+    vlmdistill.unwrap(wrapped)
+
+    def loss_and_grad(**config):
+        wrapped = vlmdistill.wrap(student, plugin="lingudistill", teacher=teacher, **config)
+        sizes = []
+        # 2-D inputs: the loss pass's chunks (the teacher's own forward calls its head on [B, 1, H])
+        hook = teacher.lm_head.register_forward_hook(
+            lambda m, args, out: sizes.append(args[0].shape[0]) if args[0].dim() == 2 else None)
+        out = wrapped(**batch)
+        out.loss.backward()
+        hook.remove()
+        grad = student.lm_head.weight.grad.clone()
+        student.zero_grad(set_to_none=True)
+        vlmdistill.unwrap(wrapped)
+        return out.loss.detach(), grad, sizes
+
+    monkeypatch.setattr(plugin_module, "auto_chunk_rows", lambda vocab, device: 2 if vocab == VOCAB else 0)
+    loss_auto, grad_auto, sizes = loss_and_grad()
+    assert sizes and max(sizes) == 2  # the teacher's head ran on chunks of the automatic size
+    loss_one, grad_one, sizes_one = loss_and_grad(chunk_rows=1000)
+    assert len(sizes_one) == 1
+    torch.testing.assert_close(loss_auto, loss_one, **F64)
+    torch.testing.assert_close(grad_auto, grad_one, **F64)

@@ -8,9 +8,9 @@ for backward is the gradient, in the student's dtype.
 
 `task_and_distill_sums` does the same for next-token CE and the divergence together: one pass over the
 supervised rows of `[B, T, V]` logits, the teacher's logits produced per chunk (e.g. its LM head applied to
-those rows only), and d(loss)/d(logits) written straight into the logits' gradient. Nothing `[rows, V]`-sized
-outlives its chunk except that gradient (transformers' own CE upcasts the whole `[B, T, V]` logits to fp32 and
-keeps its log-softmax).
+those rows only), and d(loss)/d(logits) computed in the same pass. Nothing `[rows, V]`-sized outlives its chunk
+except that gradient, kept for the supervised rows only and scattered into the logits' shape in backward
+(transformers' own CE upcasts the whole `[B, T, V]` logits to fp32 and keeps its log-softmax).
 """
 
 from __future__ import annotations
@@ -182,7 +182,8 @@ class _TaskAndDistill(torch.autograd.Function):
     def forward(ctx, logits, rows_b, rows_t, targets, ce_weight, kd_slot, teacher_hidden, head, alpha, width, kind,
                 temperature, jsd_beta, chunk_rows):
         compute = torch.promote_types(logits.dtype, torch.float32)
-        grad = torch.zeros_like(logits) if ctx.needs_input_grad[0] else None
+        # Only the supervised rows have a gradient: keep those rows, scatter them into the logits' shape in backward.
+        grad = logits.new_empty((rows_b.shape[0], logits.shape[-1])) if ctx.needs_input_grad[0] else None
         weighted = torch.zeros((), dtype=compute, device=logits.device)
         ce_total = torch.zeros_like(weighted)
         kd_total = torch.zeros_like(weighted)
@@ -215,15 +216,19 @@ class _TaskAndDistill(torch.autograd.Function):
                 elif g is not None:
                     g[chosen, :width] += alpha * g_kd
             if grad is not None:
-                grad[b, t] = g.to(grad.dtype)
-        ctx.save_for_backward(grad)
+                grad[start:start + chunk_rows] = g
+        ctx.save_for_backward(grad, rows_b, rows_t)
+        ctx.logits_shape = logits.shape
         ctx.mark_non_differentiable(ce_total, kd_total)
         return weighted, ce_total, kd_total
 
     @staticmethod
     def backward(ctx, grad_weighted, _ce, _kd):
-        (grad,) = ctx.saved_tensors
-        out = grad * grad_weighted.to(grad.dtype) if grad is not None else None
+        grad, rows_b, rows_t = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 14
+        out = grad.new_zeros(ctx.logits_shape)
+        out[rows_b, rows_t] = grad * grad_weighted.to(grad.dtype)
         return (out,) + (None,) * 13
 
 

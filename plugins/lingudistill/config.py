@@ -48,8 +48,9 @@ class LinguDistillConfig(LogitDistillationConfig):
     trust_vocab_prefix: bool = option(
         False, "accept a student vocabulary larger than the teacher's without tokenizers to prove that the "
                "teacher's vocabulary is its prefix")
-    chunk_rows: int = option(256, "supervised rows per chunk of the fused CE + KD pass (teacher LM head, softmaxes); "
-                                  "bounds the fp32 temporaries", ge=1)
+    chunk_rows: int = option(0, "supervised rows per chunk of the fused CE + KD pass (teacher LM head, softmaxes); "
+                                "bounds the fp32 temporaries. 0 = automatic: about 2^20 logits per chunk on CPU, "
+                                "2^24 on GPU (as kd)", ge=0)
 
     def validate(self, where=None):
         super().validate(where)

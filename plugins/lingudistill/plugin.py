@@ -33,7 +33,7 @@ from .compat import (check_architectures, check_attention_features, check_attent
                      head_width, sliding_window)
 from .config import LinguDistillConfig
 from .families import text_decoder, visual_token_ids
-from vlmdistill.losses import task_and_distill_sums
+from vlmdistill.losses import auto_chunk_rows, task_and_distill_sums
 from .layout import build_layout, distilled_rows, document_ids, prompt_mask
 from .loss import kd_sum, task_ce_sums
 from .selection import sample_kd_mask
@@ -199,18 +199,19 @@ class LinguDistillPlugin(DistillationPlugin):
         row_weight = 1.0 - cfg.alpha * plan.distilled.to(logits.dtype)
         denom = self.normaliser(int((labels[:, 1:] != -100).sum()), num_items_in_batch)
         hidden = self._teacher_hidden(plan, inputs["input_ids"]) if plan.state is not None else None
+        chunk_rows = cfg.chunk_rows or auto_chunk_rows(logits.shape[-1], logits.device)
         if cfg.detach_shared_kv:
             total, ce_sum, kd = task_and_distill_sums(
                 logits, labels, row_weight, plan.distilled, hidden, self._teacher_head, alpha=cfg.alpha,
                 width=self.shared_width, kind=cfg.divergence, temperature=cfg.temperature, jsd_beta=cfg.jsd_beta,
-                chunk_rows=cfg.chunk_rows)
+                chunk_rows=chunk_rows)
         else:  # the KD gradient also runs back through the teacher: plain autograd on both sides
             ce_sum, total = task_ce_sums(logits, labels, row_weight)
             kd = torch.zeros((), device=logits.device)
             if hidden is not None:
                 b, t = plan.state.layout.distill_position
                 kd = kd_sum(logits[b, t], hidden, self._teacher_head, width=self.shared_width, kind=cfg.divergence,
-                            temperature=cfg.temperature, jsd_beta=cfg.jsd_beta, chunk_rows=cfg.chunk_rows)
+                            temperature=cfg.temperature, jsd_beta=cfg.jsd_beta, chunk_rows=chunk_rows)
                 total = total + cfg.alpha * kd
         total, terms = total / denom, {"task": ce_sum / denom, "kd": kd / denom}
         return DistillationResult(output=s_out, loss=total, loss_terms=terms)
