@@ -50,9 +50,9 @@ def build_image_text(student, teacher, shards: str, tokenizer: str, image_size: 
     Preprocessing is the student's (`image_processor`, else its config); `image_size` / `mean` / `std`
     override it, and a size the student cannot take is refused here rather than at the first step. A teacher
     that preprocesses otherwise (`teacher_image_processor`, else its folder or config) gets `teacher_pixel_values`."""
-    from vlmdistill.data.image_text import ClipImageTransform, image_transform_for
-
     from torch import nn
+
+    from vlmdistill.data.image_text import ClipImageTransform, image_transform_for
 
     from .data import ImageTextCollator, ImageTextShards
     from .families import describe_model
