@@ -160,11 +160,18 @@ def test_summary_averages_the_benchmark_datasets_only():
                 "primary_metric": "acc1", "primary_value": value, "metrics": {"acc1": value},
                 "elevater_metric": "accuracy", "elevater_metric_value": value, "num_samples": 10}
 
-    from vlmdistill.eval.elevater.report import summary_rows
+    from vlmdistill.eval.elevater.report import comparison_table, summary_rows
 
     rows = summary_rows([fake("cifar-10", 0.5), fake("mnist", 0.7), fake("imagenet-1k", 0.1)])
     average = [r for r in rows if r["dataset"].startswith("ELEVATER average")]
     assert average[0]["dataset"] == "ELEVATER average (2/20)" and average[0]["score"] == "60.00"
+    header, table = comparison_table([fake("cifar-10", 0.5), fake("imagenet-1k", 0.1),
+                                      {**fake("mnist", 0.2), "run_label": "other"}])
+    assert header == ["dataset", "metric", "m [en, elevater]", "other [en, elevater]"]
+    assert table == [["cifar-10", "accuracy", "50.00", ""], ["mnist", "accuracy", "", "20.00"],
+                     ["imagenet-1k", "accuracy", "10.00", ""],
+                     ["ELEVATER average", "primary", "50.00 (1/20)", "20.00 (1/20)"]]
+    assert comparison_table([fake("imagenet-1k", 0.1)])[1] == [["imagenet-1k", "accuracy", "10.00"]]   # no average
 
 
 def test_in_memory_digits_score_like_the_same_images_on_disk(tmp_path):

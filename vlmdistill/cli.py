@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Callable
 
@@ -50,9 +51,19 @@ def cmd_train(args) -> int:
             print(line)
         print(json.dumps(recipe.to_dict(), indent=2, default=str))
         return 0
-    summary = run_recipe(recipe)
-    summary.pop("log_history", None)
-    print(json.dumps(summary, indent=2, default=str))
+    summary = run_recipe(recipe, progress=True)
+    from .run_report import summary_table
+
+    if summary.get("already_finished"):
+        print(f"{recipe.output_dir} holds a finished run of this recipe; nothing was trained")
+    print(summary_table(summary.get("log_history", [])))
+    for label, key in (("steps", "global_step"), ("resumed from", "resumed_from"), ("student", "student"),
+                       ("wrapper", "final"), ("log", "log_file")):
+        if summary.get(key) is not None:
+            print(f"{label + ':':14s}{summary[key]}")
+    if summary.get("plots"):
+        print(f"{'plots:':14s}{os.path.dirname(next(iter(summary['plots'].values())))}/ "
+              f"({', '.join(summary['plots'])})")
     return 0
 
 

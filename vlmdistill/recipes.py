@@ -361,15 +361,18 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def run_recipe(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, callbacks: list | None = None, progress: bool = False) -> dict[str, Any]:
     """Build, wrap and train; write the final wrapper and the exported student. Returns a summary.
 
     Rerun into the same output_dir, it resumes the same recipe from its last whole checkpoint, and returns the
-    stored summary (training nothing) when that run already finished. `callbacks`: extra `TrainerCallback`s."""
+    stored summary (training nothing) when that run already finished. `callbacks`: extra `TrainerCallback`s.
+    Every run writes `log_history.jsonl` and `plots/<term>.png` into output_dir; `progress` shows a progress bar
+    with the current loss terms instead of the Trainer's printed log dicts."""
     import torch
 
     from .api import unwrap, wrap
     from .registry import get_plugin
+    from .run_report import RunReport, remove_log_printers
     from .runs import finish_run, plan_run
 
     plugin_cls = get_plugin(recipe.plugin)  # importing the plugin registers its builders
@@ -392,9 +395,12 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
     wrap_kwargs = {k: v for k, v in {**folders.runtime(), **wrap_kwargs}.items() if k in plugin_cls.runtime_args}
     wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config,
                    on_nonfinite=recipe.on_nonfinite, **wrap_kwargs)
+    report = RunReport(recipe.output_dir, progress=progress)
     trainer = _recipe_trainer_class()(model=wrapped, args=args, train_dataset=train_dataset,
                                       eval_dataset=eval_dataset, data_collator=collator, eval_collator=eval_collator,
-                                      callbacks=list(callbacks or []))
+                                      callbacks=[*(callbacks or []), report])
+    if progress:
+        remove_log_printers(trainer)
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
     final_dir = os.path.join(recipe.output_dir, "final")
     wrapped.save_pretrained(final_dir)
@@ -404,7 +410,7 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
         folders.student_processor.save_pretrained(student_dir)
     summary = {"resumed_from": plan.checkpoint, "global_step": trainer.state.global_step,
                "train_loss": result.training_loss, "final": final_dir, "student": student_dir,
-               "log_history": trainer.state.log_history}
+               "log_file": report.log_path, "plots": report.plots, "log_history": trainer.state.log_history}
     finish_run(recipe, summary)
     return summary
 
@@ -492,13 +498,9 @@ def _open_clip_model(**kwargs):
     return load_open_clip(**kwargs)
 
 
-@register_data_builder("image-text")
-def _image_text(student, teacher, **kwargs):
-    """Image–text pairs from an image folder with metadata.jsonl / metadata.csv or a `datasets` folder,
-    preprocessed for the student (and the teacher); see `vlmdistill.data.image_text.build_image_text`."""
-    from .data.image_text import build_image_text
-
-    return build_image_text(student, teacher, **kwargs)
+# "image-text": image–text pairs from an image folder with metadata.jsonl / metadata.csv or a `datasets` folder,
+# preprocessed for the student (and the teacher); registered by its module, with its own signature.
+from .data import image_text as _image_text  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------- chat data

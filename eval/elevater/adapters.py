@@ -343,7 +343,7 @@ def _config_directory() -> str:
     return _CONFIG_DIRECTORY[0]
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")   # what open_clip looks for in a local-dir folder
 RANDOM_ON_PURPOSE = "--random-weights (random_weights=True) to evaluate random weights on purpose"
 
 

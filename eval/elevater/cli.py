@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import os
 import re
 import sys
@@ -143,6 +144,7 @@ def _normalised(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
+@functools.lru_cache(maxsize=1)
 def _aliases() -> dict[str, str]:
     """Spellings that mean a registered dataset: the toolkit's config and folder names, no punctuation."""
     import json

@@ -122,7 +122,8 @@ def summary_rows(results: Sequence[dict]) -> list[dict]:
 
 
 def comparison_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
-    """Datasets down, runs across (primary metric, percent), then the average row of each run."""
+    """Datasets down, runs across (primary metric, percent), then each run's ELEVATER average (when a
+    run has any of the 20 datasets)."""
     series = sorted({_series(r) for r in results})
     datasets = sorted({r["dataset"] for r in results}, key=_order)
     value = {(_series(r), r["dataset"]): r for r in results}
@@ -133,8 +134,9 @@ def comparison_table(results: Sequence[dict]) -> tuple[list[str], list[list[str]
         rows.append([dataset, any_result["elevater_metric"]]
                     + [_pct(value[(s, dataset)]["primary_value"]) if (s, dataset) in value else "" for s in series])
     averages = [benchmark_average([r for r in results if _series(r) == s]) for s in series]
-    rows.append(["ELEVATER average", "primary"]
-                + [f"{_pct(mean)} ({count}/{len(ELEVATER_IC20)})" if count else "" for mean, count in averages])
+    if any(count for _, count in averages):
+        rows.append(["ELEVATER average", "primary"]
+                    + [f"{_pct(mean)} ({count}/{len(ELEVATER_IC20)})" if count else "" for mean, count in averages])
     return header, rows
 
 
