@@ -2,9 +2,10 @@
 
     plugin: kd
     config: {alpha: 0.5, temperature: 2.0}       # the plugin's typed config
-    student: {path: runs/student, auto_class: AutoModelForCausalLM}
+    student: {path: runs/student}                 # the class comes from the folder's config.json
     teacher: {path: runs/teacher}                 # or "base" (PEFT student), or omitted
     data: {builder: text-blocks, kwargs: {tokenizer: runs/tokenizer, block: 64}}
+    eval_data: {builder: text-blocks, kwargs: {tokenizer: runs/tokenizer, split: held_out}}   # optional
     training: {max_steps: 200, per_device_train_batch_size: 16, learning_rate: 3.0e-4}
     output_dir: runs/kd-recipe
 
@@ -13,6 +14,8 @@ select from fixed sets only (registered builders, transformers model classes); k
 `from_pretrained` come from an allow-list that excludes anything able to run model-folder code or reach the
 network. So a recipe can never import or call arbitrary code. Every section is typed: the plugin config by the
 plugin, `training:` against `transformers.TrainingArguments`, both at load time (and so in `--dry-run`).
+The processors / tokenizers saved in the model folders go to the data builder and to `wrap()`, and the export
+saves the student's beside it.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ def register_model_builder(name: str):
 def register_data_builder(name: str):
     """Register `fn(student, teacher, **kwargs)` for `data: {builder: name}`. It returns
     `(train_dataset, data_collator)` or `(train_dataset, data_collator, wrap_kwargs)`, where `wrap_kwargs`
-    are runtime arguments for the plugin (tokenizers, data fingerprints) passed on to `wrap()`."""
+    are runtime arguments for the plugin (tokenizers, data fingerprints) passed on to `wrap()`. A builder that
+    names `plugin`, `student_processor`, `student_tokenizer` or `teacher_tokenizer` as a keyword parameter gets
+    the recipe's plugin name and the processor / tokenizers saved in the model folders."""
     def deco(fn):
         _DATA_BUILDERS[name] = fn
         return fn
