@@ -21,6 +21,7 @@ def test_demo_quick_writes_results(tmp_path):
     assert (tmp_path / "ccd_teacher_encoder" / "model.safetensors").is_file()
     assert all(0.0 <= r["char_accuracy"] <= 1.0 for r in result["runs"] if r["protocol"] != "characters")
     assert "CCD teacher encoder" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the figure beside the table
 
 
 @pytest.mark.slow

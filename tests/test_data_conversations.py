@@ -223,3 +223,46 @@ def test_processor_token_attributes_are_read_as_visual_ids():
     qwen = tp.processor("qwen2_vl")
     assert {qwen.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")} <= \
         {i for values in processor_visual_ids(qwen).values() for i in values}
+
+
+@pytest.mark.parametrize("family", tp.FAMILIES)
+def test_lingudistill_on_real_processor_batches(data, family):
+    """Processor-made batches (tiles, mRoPE positions, structure tokens): a teacher holding the student LM's
+    weights reproduces the student's logits at every distilled row, and every token the processor wrote for an
+    image is shared, never distilled."""
+    import vlmdistill
+    from contract_cases.lingudistill import language_model_copy
+
+    processor = tp.processor(family)
+    tok = processor.tokenizer
+    student = tp.model_for(family, tok, seed=1, dtype=torch.float64).eval()
+    teacher = language_model_copy(student)
+    ds = ConversationDataset(str(data / "llava.json"))
+    batch = ChatCollator(processor, padding_side="left")([ds[i] for i in range(3)])
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    wrapped = vlmdistill.wrap(student, plugin="lingudistill", teacher=teacher, student_processor=processor)
+    got = wrapped.plugin.paired_logits(student, batch)
+    assert got["rows"].shape[0] == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(got["teacher"], got["student"], rtol=1e-9, atol=1e-10)
+    plan = wrapped.plugin.plan({k: v for k, v in batch.items()}, {})
+    image_tokens = {t for t in tok.get_vocab() if t.startswith(("<fake", "<row_", "<global", "<image", "<|vision",
+                                                                 "<|image"))}
+    written = torch.isin(batch["input_ids"], torch.tensor([tok.convert_tokens_to_ids(t) for t in image_tokens]))
+    assert written.any() and plan.unreadable[written].all() and not plan.distilled[written].any()
+    vlmdistill.unwrap(wrapped)
+
+
+def test_a_text_lm_tokenizer_collates_text_only_conversations(data):
+    """A plain tokenizer (no image processor) with a string-content chat template: labels on assistant turns,
+    a pad token supplied when the tokenizer has none, and image records refused naming the record."""
+    tok = tp.lm_tokenizer()
+    tok.pad_token = None
+    tok.chat_template = ("{% for m in messages %}<bos>{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
+                         "{% if add_generation_prompt %}<bos>assistant: {% endif %}")
+    ds = ConversationDataset(str(data / "llava.json"))
+    batch = ChatCollator(tok)([ds[1]])
+    labels = batch["labels"][0]
+    assert tok.decode(labels[labels != -100]) == "the sky is blue.<eos>green.<eos>"
+    assert tok.decode(batch["input_ids"][0]).startswith("<bos>user: describe the sky.<eos><bos>assistant: ")
+    with pytest.raises(DataError, match="llava.json, record 0: the sample has images but .* has no image processor"):
+        ChatCollator(tok)([ds[0]])

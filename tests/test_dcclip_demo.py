@@ -20,6 +20,7 @@ def test_quick_demo_writes_results(tmp_path):
     assert stages[0] == 1 and stages[-1] == 2
     assert results["rows"][0]["params"] > 4 * results["rows"][1]["params"]
     assert "zero-shot top-1" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the figure beside the table
     # the exported students are plain transformers folders (model + tokenizer)
     from transformers import AutoTokenizer, CLIPModel
 

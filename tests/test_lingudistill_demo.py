@@ -44,6 +44,7 @@ def test_quick_demo_writes_its_report(tmp_path):
         if row["arm"] == "lingudistill":
             assert "distill/kd" in row["final_log"]
     assert "recovery" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the figure beside the table
 
 
 @pytest.mark.slow

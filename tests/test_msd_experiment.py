@@ -23,6 +23,7 @@ def test_demo_quick_writes_every_run(tmp_path, capsys):
     assert saved["msd-b-accum"] < 0.5 * saved["clip-Mb"]
     table = (tmp_path / "msd_results.md").read_text()
     assert "MSD, 8 x 4 accumulation" in table and "zero-shot acc" in capsys.readouterr().out
+    assert (tmp_path / "msd_results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the figure beside the table
 
 
 def test_benchmark_quick_reports_ratios(tmp_path):

@@ -174,3 +174,23 @@ def test_templates_are_valid_recipes_with_placeholder_paths(name):
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 128
     with pytest.raises(ConfigError, match="student.path 'checkpoints/.*' is not a local folder"):
         check_recipe(recipe)
+
+
+def test_the_folders_tokenizers_check_the_vocabulary(workspace, monkeypatch):
+    """The teacher folder's tokenizer reaches wrap(): a teacher that speaks another vocabulary is refused, naming
+    the first id where the two disagree (sizes alone would only say they differ)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from vlmdistill.errors import IncompatibleTeacherError
+    from vlmdistill.recipes import run_recipe
+
+    monkeypatch.chdir(workspace)
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<bos>"]  # <eos> and <bos> swapped
+                                                 + [chr(c) for c in range(ord("a"), ord("z") + 1)])}
+    other = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    other.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=other, pad_token="<pad>").save_pretrained("checkpoints/my-lm")
+    with pytest.raises(IncompatibleTeacherError, match="tokenizers disagree at id 1: '<bos>' for the student vs "
+                                                       "'<eos>' for the teacher"):
+        run_recipe(load_recipe("my-lingudistill.yaml", ["training.max_steps=1"]))

@@ -63,8 +63,8 @@ def load_open_clip(model: Optional[str] = None, checkpoint: Optional[str] = None
         name = model.replace("/", "-")
         cfg = open_clip.get_model_config(name)
         if cfg is None:
-            raise ConfigError(f"unknown open_clip architecture {model!r}; built-in: {', '.join(open_clip.list_models())}"
-                              " (or give config: a local architecture JSON)")
+            raise ConfigError(f"unknown open_clip architecture {model!r}; built-in: "
+                              f"{', '.join(open_clip.list_models())} (or give config: a local architecture JSON)")
     _check_local_towers(cfg, f"open_clip architecture {name!r}")
     if checkpoint is not None and not os.path.isfile(checkpoint):
         raise ConfigError(f"open-clip checkpoint {checkpoint!r} is not a local file (pretrained tags download "

@@ -2,9 +2,10 @@
 
     plugin: kd
     config: {alpha: 0.5, temperature: 2.0}       # the plugin's typed config
-    student: {path: runs/student, auto_class: AutoModelForCausalLM}
+    student: {path: runs/student}                 # the class comes from the folder's config.json
     teacher: {path: runs/teacher}                 # or "base" (PEFT student), or omitted
     data: {builder: text-blocks, kwargs: {tokenizer: runs/tokenizer, block: 64}}
+    eval_data: {builder: text-blocks, kwargs: {tokenizer: runs/tokenizer, split: held_out}}   # optional
     training: {max_steps: 200, per_device_train_batch_size: 16, learning_rate: 3.0e-4}
     output_dir: runs/kd-recipe
 
@@ -13,6 +14,8 @@ select from fixed sets only (registered builders, transformers model classes); k
 `from_pretrained` come from an allow-list that excludes anything able to run model-folder code or reach the
 network. So a recipe can never import or call arbitrary code. Every section is typed: the plugin config by the
 plugin, `training:` against `transformers.TrainingArguments`, both at load time (and so in `--dry-run`).
+The processors / tokenizers saved in the model folders go to the data builder and to `wrap()`, and the export
+saves the student's beside it.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ def register_model_builder(name: str):
 def register_data_builder(name: str):
     """Register `fn(student, teacher, **kwargs)` for `data: {builder: name}`. It returns
     `(train_dataset, data_collator)` or `(train_dataset, data_collator, wrap_kwargs)`, where `wrap_kwargs`
-    are runtime arguments for the plugin (tokenizers, data fingerprints) passed on to `wrap()`."""
+    are runtime arguments for the plugin (tokenizers, data fingerprints) passed on to `wrap()`. A builder that
+    names `plugin`, `student_processor`, `student_tokenizer` or `teacher_tokenizer` as a keyword parameter gets
+    the recipe's plugin name and the processor / tokenizers saved in the model folders."""
     def deco(fn):
         _DATA_BUILDERS[name] = fn
         return fn
@@ -400,15 +405,18 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def run_recipe(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, callbacks: list | None = None, progress: bool = False) -> dict[str, Any]:
     """Build, wrap and train; write the final wrapper and the exported student. Returns a summary.
 
     Rerun into the same output_dir, it resumes the same recipe from its last whole checkpoint, and returns the
-    stored summary (training nothing) when that run already finished. `callbacks`: extra `TrainerCallback`s."""
+    stored summary (training nothing) when that run already finished. `callbacks`: extra `TrainerCallback`s.
+    Every run writes `log_history.jsonl` and `plots/<term>.png` into output_dir; `progress` shows a progress bar
+    with the current loss terms instead of the Trainer's printed log dicts."""
     import torch
 
     from .api import unwrap, wrap
     from .registry import get_plugin
+    from .run_report import RunReport, remove_log_printers
     from .runs import finish_run, plan_run
 
     plugin_cls = get_plugin(recipe.plugin)  # importing the plugin registers its builders
@@ -432,9 +440,12 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
     wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config,
                    on_nonfinite=recipe.on_nonfinite, **wrap_kwargs)
     _place_teacher(wrapped, recipe.distributed)
+    report = RunReport(recipe.output_dir, progress=progress)
     trainer = _recipe_trainer_class()(model=wrapped, args=args, train_dataset=train_dataset,
                                       eval_dataset=eval_dataset, data_collator=collator, eval_collator=eval_collator,
-                                      callbacks=list(callbacks or []))
+                                      callbacks=[*(callbacks or []), report])
+    if progress:
+        remove_log_printers(trainer)
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
     final_dir = os.path.join(recipe.output_dir, "final")
     wrapped.save_pretrained(final_dir)
@@ -445,7 +456,7 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
         folders.student_processor.save_pretrained(student_dir)
     summary = {"resumed_from": plan.checkpoint, "global_step": trainer.state.global_step,
                "train_loss": result.training_loss, "final": final_dir, "student": student_dir,
-               "log_history": trainer.state.log_history}
+               "log_file": report.log_path, "plots": report.plots, "log_history": trainer.state.log_history}
     finish_run(recipe, summary)
     return summary
 
@@ -547,13 +558,9 @@ def _open_clip_model(**kwargs):
     return load_open_clip(**kwargs)
 
 
-@register_data_builder("image-text")
-def _image_text(student, teacher, **kwargs):
-    """Image–text pairs from an image folder with metadata.jsonl / metadata.csv or a `datasets` folder,
-    preprocessed for the student (and the teacher); see `vlmdistill.data.image_text.build_image_text`."""
-    from .data.image_text import build_image_text
-
-    return build_image_text(student, teacher, **kwargs)
+# "image-text": image–text pairs from an image folder with metadata.jsonl / metadata.csv or a `datasets` folder,
+# preprocessed for the student (and the teacher); registered by its module, with its own signature.
+from .data import image_text as _image_text  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------- chat data

@@ -321,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as fh:
         fh.write("# DC-CLIP demo: zero-shot digits, English and Chinese prompts\n\n" + table)
+    from .plots import plot_dcclip
+
+    plot_dcclip(results, os.path.join(args.output_dir, "results.png"))
     print(table)
     return 0
 

@@ -143,6 +143,9 @@ def _write(output_dir: str, result: dict) -> None:
     table = "\n".join(lines)
     with open(os.path.join(output_dir, "results.md"), "w") as fh:
         fh.write(table + "\n")
+    from .plots import plot_kd
+
+    plot_kd(result, os.path.join(output_dir, "results.png"))
     print(table)
 
 

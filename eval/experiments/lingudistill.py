@@ -260,6 +260,9 @@ def write_report(output_dir: str, result: dict) -> str:
     table = "\n".join(lines)
     with open(os.path.join(output_dir, "results.md"), "w") as fh:
         fh.write(table + "\n")
+    from .plots import plot_lingudistill
+
+    plot_lingudistill(result, os.path.join(output_dir, "results.png"))
     print(table)
     return table
 

@@ -396,10 +396,13 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, workers: int = 2
                  f"Wall time {report['wall_seconds']:.0f} s ({workers} processes x {settings.threads} thread, "
                  f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} before / {os.getloadavg()[0]:.1f} "
                  f"after); {cpu_total:.0f} CPU-seconds in the parent and run processes.\n")
+    from .plots import plot_msd
+
+    plot_msd(report, os.path.join(output_dir, "msd_results.png"))
     print(table)
     print(f"wall time {report['wall_seconds']:.0f} s (load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f}), "
           f"{cpu_total:.0f} CPU-seconds in the parent and run processes; "
-          f"results in {output_dir}/msd_results.{{json,md}}")
+          f"results in {output_dir}/msd_results.{{json,md,png}}")
     return report
 
 

@@ -67,11 +67,15 @@ class ChatCollator:
                               "(chat_template.jinja) or pass chat_template (a Jinja string or file)")
         self.max_length, self.padding_side, self.with_categories = max_length, padding_side, with_categories
         self.image_token = getattr(processor, "image_token", None) if self.multimodal else None
+        if self.multimodal and not isinstance(self.image_token, str):
+            raise ConfigError(f"{type(processor).__name__} names no `image_token`: the placeholder its chat template "
+                              "writes for an image must be known to align the expanded image tokens")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token) if self.image_token else None
+        if self.tokenizer.pad_token is None:  # the processor pads the batch; LMs often ship without a pad token
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self._special = set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder)
         self._words: dict[int, bool] = {}
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self.pad_id = self.tokenizer.pad_token_id or 0
 
     def _is_word(self, token: int) -> bool:
         if token not in self._words:

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from ..errors import ConfigError, DataError
+from ..recipes import register_data_builder
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -281,9 +282,12 @@ def text_max_length(model: Any, tokenizer: Any) -> Optional[int]:
     return min(limits) if limits else None
 
 
-def load_text_tokenizer(model: Any, path: Optional[str], *, role: str):
+def load_text_tokenizer(model: Any, path: Any, *, role: str):
     """A transformers tokenizer from a local folder (default: the model's own folder); open_clip models take
-    open_clip's bundled BPE tokenizer (`None` or 'open_clip') or a transformers folder for HF text towers."""
+    open_clip's bundled BPE tokenizer (`None` or 'open_clip') or a transformers folder for HF text towers.
+    A tokenizer object (what a recipe found in the model's folder) is used as it is."""
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        return path
     if is_open_clip_model(model):
         import open_clip
 
@@ -629,12 +633,13 @@ def _own_teacher_tokenizer(teacher, path, student_tokenizer, style, teacher_styl
     return None
 
 
-def build_image_text(student: Any, teacher: Any, path: str, tokenizer: Optional[str] = None, *,
-                     image_processor: Optional[str] = None, teacher_image_processor: Optional[str] = None,
-                     teacher_tokenizer: Optional[str] = None, image_column: Optional[str] = None,
-                     text_column: str = "text", language_column: Optional[str] = None,
-                     key_column: Optional[str] = None, split: str = "train", image_root: Optional[str] = None,
-                     max_length: Optional[int] = None, image_size: Optional[int] = None, augment: str = "none",
+@register_data_builder("image-text")
+def build_image_text(student: Any, teacher: Any, path: str, tokenizer: Any = None, *,
+                     image_processor: Any = None, teacher_image_processor: Any = None, teacher_tokenizer: Any = None,
+                     image_column: Optional[str] = None, text_column: str = "text",
+                     language_column: Optional[str] = None, key_column: Optional[str] = None, split: str = "train",
+                     image_root: Optional[str] = None, max_length: Optional[int] = None,
+                     image_size: Optional[int] = None, augment: str = "none",
                      crop_scale: Sequence[float] = (0.8, 1.0), augmentation_seeds: int = 1):
     """(dataset, collator, wrap kwargs) of image–text pairs for `student` (and `teacher`, when it preprocesses
     differently). Tokenizer and image processor default to those saved in the model's folder; the wrap kwargs
