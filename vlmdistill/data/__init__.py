@@ -1,1 +1,2 @@
-"""Local data for demos and experiments: nothing here downloads anything."""
+"""Data pipelines (chat conversations: `conversations` + `chat`; image-text pairs: `image_text`) and the bundled
+data of the demos (`digits`, `text`). Everything reads local files: nothing here downloads anything."""
