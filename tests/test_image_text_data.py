@@ -167,18 +167,41 @@ def _recipe(tmp_path, folders, plugin, **extra):
     return path
 
 
+def _readme_yaml(plugin: str) -> str:
+    import re
+
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    section = re.search(r"### Image–text pairs \(dcclip, msd\)\n(.*?)\n## ", readme, re.S).group(1)
+    return next(b for b in re.findall(r"```yaml\n(.*?)```", section, re.S) if b.startswith(f"plugin: {plugin}\n"))
+
+
 @pytest.mark.parametrize("plugin", ["dcclip", "msd"])
-def test_recipes_train_on_an_image_folder(tmp_path, folders, plugin):
+def test_readme_image_text_recipes_train(tmp_path, folders, plugin, monkeypatch, capsys):
+    """The README's image-text recipes, verbatim but for run length, on its folder layout."""
+    import shutil
+
     from transformers import CLIPModel
 
-    from vlmdistill.recipes import load_recipe, run_recipe
+    from vlmdistill.cli import main
 
-    extra = {"teacher": {"path": folders["teacher"], "auto_class": "SiglipModel"}} if plugin == "dcclip" else {}
-    summary = run_recipe(load_recipe(str(_recipe(tmp_path, folders, plugin, **extra))))
-    assert summary["global_step"] == 2
-    logged = [h for h in summary["log_history"] if "loss" in h]
-    assert logged and all(any(k.startswith("distill/") for k in h) for h in logged)
-    trained = CLIPModel.from_pretrained(summary["student"])
+    shutil.copytree(folders["student"], tmp_path / "checkpoints" / "my-clip")
+    shutil.copytree(folders["teacher"], tmp_path / "checkpoints" / "my-big-clip")  # SigLIP, 32 px, mean/std 0.5
+    shutil.copytree(folders["data"], tmp_path / "data" / "pairs")
+    (tmp_path / f"my-{plugin}.yaml").write_text(_readme_yaml(plugin))
+    monkeypatch.chdir(tmp_path)
+    short = ["training.max_steps=2", "training.per_device_train_batch_size=4", "training.gradient_accumulation_steps=1",
+             "training.logging_steps=1", "training.disable_tqdm=true"]
+    if plugin == "dcclip":
+        short.append("config.switch_at_step=1")  # both stages
+    assert main(["train", f"my-{plugin}.yaml", *[a for s in short for a in ("--set", s)]]) == 0
+    table = capsys.readouterr().out
+    run = tmp_path / "runs" / f"my-{plugin}"
+    logged = [json.loads(line) for line in (run / "log_history.jsonl").read_text().splitlines()]
+    logged = [e for e in logged if "loss" in e]
+    assert len(logged) == 2 and "distill/" in table
+    if plugin == "dcclip":
+        assert "distill/image" in logged[0] and "distill/contrastive" in logged[1]
+    trained = CLIPModel.from_pretrained(run / "student")
     before = CLIPModel.from_pretrained(folders["student"])
     patches = "vision_model.embeddings.patch_embedding.weight"  # trained by both methods
     assert not torch.equal(trained.state_dict()[patches], before.state_dict()[patches])

@@ -201,7 +201,10 @@ def test_layout_moves_to_the_teachers_device():
     distilled = torch.zeros(2, 6, dtype=torch.bool)
     distilled[0, 4] = distilled[1, 3:5] = True
     layout = build_layout(shared=shared, distilled=distilled, valid=valid, segments=None, full_length=False)
-    assert layout.query_index.tolist() == [[0, 3, 4], [0, 3, 4]] and layout.shared_index.tolist() == [[1, 2]] * 2
+    # packed row after row: the teacher's queries (text up to the last distilled row), the shared keys
+    assert layout.query_index.tolist() == [0, 3, 4, 0, 3, 4] and layout.query_row.tolist() == [0, 0, 0, 1, 1, 1]
+    assert layout.query_offsets == (0, 3, 6) and layout.shared_offsets == (0, 2, 4)
+    assert layout.shared_index.tolist() == [1, 2, 1, 2] and layout.distill_slot.tolist() == [2, 4, 5]
     moved = layout.to("meta")
-    assert moved.query_index.is_meta and moved.distill_slot[1].is_meta and moved.segments is None
+    assert moved.query_index.is_meta and moved.distill_position[1].is_meta and moved.segments is None
     assert layout.to("cpu") is layout

@@ -92,7 +92,10 @@ def _plugin_commands() -> dict[str, str]:
     return commands
 
 
-def build_parser() -> argparse.ArgumentParser:
+BUILT_IN = ("plugins", "train", "demo", "eval")
+
+
+def build_parser(plugin_commands: dict[str, str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmdistill", description="Distillation plugins for vision-language models")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -113,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     _add_eval(sub)
-    for name, target in _plugin_commands().items():
+    for name, target in (_plugin_commands() if plugin_commands is None else plugin_commands).items():
         p = sub.add_parser(name, help=f"plugin command ({target.split(':')[0]})", add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=lambda a, target=target: int(_resolve(target)(list(a.rest)) or 0))
@@ -122,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = _plugin_commands()
+    # A built-in command needs no plugin loaded to parse its arguments (`eval ... --help` stays fast).
+    commands = {} if argv and argv[0] in BUILT_IN else _plugin_commands()
     if argv and argv[0] in commands:
         # Plugin commands parse their own arguments (including --help).
         try:
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         except VLMDistillError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    parser = build_parser()
+    parser = build_parser(commands if argv and argv[0] in BUILT_IN else None)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

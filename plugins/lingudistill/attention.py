@@ -2,12 +2,14 @@
 
 One `AttentionRouter` per plugin instance registers a uniquely named function in `AttentionInterface` (and the
 original implementation's mask builder under the same name in `AttentionMaskInterface`, so padding masks still
-reach the attention). What the function does depends on the `ForwardState` active in the current context:
+reach the student's attention; the teacher's pass builds none, its masks come from the layout). What the function
+does depends on the `ForwardState` active in the current context:
 
 * no state (inference, gradient-checkpointing recompute in backward): the original attention, nothing else;
 * role "student": the original attention, and the layer's post-RoPE K/V at the shared positions are stashed
   (once per layer and forward, so a recompute never overwrites them);
-* role "teacher": attention over the stashed student K/V and the teacher's own K/V.
+* role "teacher": attention over the stashed student K/V and the teacher's own K/V, row by row over the packed
+  teacher sequence.
 
 State lives in a `ContextVar` owned by the router: two wrapped models, or two threads, never see each other's.
 """
@@ -24,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 
 from .layout import SequenceLayout
-from .two_source import replaced_attention, two_source_attention
+from .two_source import PackedAttention, replaced_attention, two_source_attention
 
 _NAMES = itertools.count()
 
@@ -40,12 +42,13 @@ class ForwardState:
     positions: torch.Tensor | None = None
     #: the student's autograd graph keeps each layer's K/V anyway (no gradient checkpointing)
     reference_ok: bool = False
-    #: layer index -> (K, V, compact): `[Bk, Hkv, Ts, D]` at the shared positions of the distilled samples
-    #: (compact), or the layer's whole K/V `[B, Hkv, T, D]` held by reference and gathered when the teacher
-    #: reaches that layer
+    #: layer index -> (K, V, compact): `[1, Hkv, Ns, D]` at the shared positions, packed (compact), or the
+    #: layer's whole K/V `[B, Hkv, T, D]` held by reference and gathered when the teacher reaches that layer
     stash: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = dataclasses.field(default_factory=dict)
-    #: the teacher decoder's final hidden states `[Bk, Tq, H]`
+    #: the teacher decoder's final hidden states `[1, Nq, H]`
     teacher_hidden: torch.Tensor | None = None
+    #: row bounds and masks of the teacher's attention, per device (built at its first layer)
+    attention: dict[torch.device, PackedAttention] = dataclasses.field(default_factory=dict)
 
     def capture(self, layer: int, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                 saved_by_attention: bool) -> None:
@@ -64,11 +67,10 @@ class ForwardState:
             self.stash[layer] = (*self._gather(key, value), True)
 
     def _gather(self, key: torch.Tensor, value: torch.Tensor):
-        layout = self.layout
-        index = layout.shared_index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
-        if layout.rows.numel() != key.shape[0]:
-            key, value = key[layout.rows], value[layout.rows]
-        return key.gather(2, index), value.gather(2, index)
+        """The shared positions of `[B, Hkv, T, D]` K/V, packed: `[1, Hkv, Ns, D]`."""
+        layout = self.layout.to(key.device)
+        row, index = layout.shared_row, layout.shared_index
+        return key[row, :, index].transpose(0, 1)[None], value[row, :, index].transpose(0, 1)[None]
 
     def shared_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         if layer not in self.stash:
@@ -77,19 +79,17 @@ class ForwardState:
         return (key, value) if compact else self._gather(key, value)
 
     def teacher_attention(self, module, query, key, value, scaling) -> torch.Tensor:
+        """query `[1, Hq, Nq, D]`, key/value `[1, Hkv, Nq, D]` over the packed teacher rows."""
         k_shared, v_shared = (t.to(device=query.device, dtype=query.dtype) for t in self.shared_kv(module.layer_idx))
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        layout = self.layout.to(query.device)
+        plan = self.attention.get(query.device)
+        if plan is None:
+            plan = self.attention[query.device] = PackedAttention(self.layout, query.device,
+                                                                  full_length=self.full_length)
         if self.full_length:
-            out = replaced_attention(query, key, value, k_shared, v_shared, shared_index=layout.shared_index,
-                                     shared_valid=layout.shared_valid, positions=layout.query_index,
-                                     valid=layout.query_valid, segments=layout.query_segments(), scale=scale)
+            out = replaced_attention(query, key, value, k_shared, v_shared, plan, scale)
         else:
-            out = two_source_attention(
-                query, k_shared, v_shared, key, value, kernel=self.kernel, scale=scale,
-                pos_q=layout.query_index, pos_shared=layout.shared_index, pos_own=layout.query_index,
-                seg_q=layout.query_segments(), seg_shared=layout.shared_segments(), seg_own=layout.query_segments(),
-                valid_shared=layout.shared_valid, valid_own=layout.own_valid)
+            out = two_source_attention(query, k_shared, v_shared, key, value, plan, kernel=self.kernel, scale=scale)
         return out.transpose(1, 2).contiguous()
 
 
@@ -132,7 +132,8 @@ class AttentionRouter:
 
             name = f"lingudistill_{self._serial}_{impl}"
             AttentionInterface.register(name, self._make_function(impl))
-            AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[impl])
+            build_mask = AttentionMaskInterface._global_mapping[impl]
+            AttentionMaskInterface.register(name, self._make_mask_function(build_mask))
             self.names[impl] = name
         return self.names[impl]
 
@@ -158,6 +159,15 @@ class AttentionRouter:
             return _original_function(impl, module)(module, query, key, value, attention_mask, **kwargs)
 
         return attention
+
+    def _make_mask_function(self, build: Callable) -> Callable:
+        def mask(*args, **kwargs):
+            state = self.active.get()
+            if state is not None and state.role == "teacher":
+                return None  # the teacher's attention takes its masks from the layout: build none
+            return build(*args, **kwargs)
+
+        return mask
 
     @contextlib.contextmanager
     def activate(self, state: ForwardState | None) -> Iterator[ForwardState | None]:

@@ -1,4 +1,4 @@
-"""Which positions the teacher shares, queries and distils, as compact per-row index tensors.
+"""Which positions the teacher shares, queries and distils, packed into one sequence without padding.
 
 Masks over the student's sequence (`[B, T]`):
 * shared S: the teacher reads the student's K/V there (visual tokens, tokens the teacher cannot read, and the
@@ -6,8 +6,10 @@ Masks over the student's sequence (`[B, T]`):
 * distilled D: logit rows t (predicting token t+1) that enter the KL: supervised, in a distilled sample, and at a
   token the teacher can read;
 * queried Q: where the teacher computes hidden states. Text-only form: every non-shared position it needs (its
-  own K/V come from there) plus D; full-length form: every position.
+  own K/V come from there) plus D; full-length form: every real position.
 
+The teacher runs on the queried positions of all its rows packed one after another (`[1, Nq]`): rows with fewer
+text tokens (more images) cost it nothing for the difference, as they would padded to the longest row.
 Causality uses the sequence index (exactly the student's own causal order); RoPE uses the student's absolute
 positions, so relative offsets agree even when positions jump (mRoPE) or restart (packed documents).
 """
@@ -21,21 +23,29 @@ import torch
 
 @dataclasses.dataclass
 class SequenceLayout:
-    #: [Bk] student batch rows the teacher runs on (samples with at least one distilled row)
+    """Packed slot i of the teacher is position `query_index[i]` of student batch row `query_row[i]`; a row's
+    slots are contiguous (`query_offsets[r]:query_offsets[r + 1]` for the r-th row of `rows`). The shared keys
+    are packed the same way."""
+
+    #: [Bk] student batch rows the teacher runs on (samples with at least one distilled row), ascending
     rows: torch.Tensor
-    #: [Bk, Ts] sequence index of each shared key, and whether the slot is real (rows have different counts)
-    shared_index: torch.Tensor
-    shared_valid: torch.Tensor
-    #: [Bk, Tq] sequence index of each teacher query, whether the slot is real, and whether the teacher keeps
-    #: its own K/V there (False where the position is shared)
+    #: [Nq] batch row and sequence index of each teacher query, and whether the teacher keeps its own K/V there
+    #: (False where the position is shared)
+    query_row: torch.Tensor
     query_index: torch.Tensor
-    query_valid: torch.Tensor
     own_valid: torch.Tensor
+    query_offsets: tuple[int, ...]
+    #: [Ns] batch row and sequence index of each shared key
+    shared_row: torch.Tensor
+    shared_index: torch.Tensor
+    shared_offsets: tuple[int, ...]
     #: [Bk, T] document ids of packed rows, or None
     segments: torch.Tensor | None
-    #: distilled rows: (index into Bk, slot into Tq) for the teacher, (batch row, position) for the student
-    distill_slot: tuple[torch.Tensor, torch.Tensor]
+    #: distilled rows in row-major order: their teacher slot, and their (batch row, position) for the student
+    distill_slot: torch.Tensor
     distill_position: tuple[torch.Tensor, torch.Tensor]
+    #: full-length pass only: the teacher slot of each shared key (where the student's K/V replace its own)
+    shared_slot: torch.Tensor | None = None
 
     def to(self, device) -> "SequenceLayout":
         """The same layout with its tensors on `device` (a teacher on another device than the student)."""
@@ -45,7 +55,7 @@ class SequenceLayout:
         def move(value):
             if isinstance(value, torch.Tensor):
                 return value.to(device)
-            if isinstance(value, tuple):
+            if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
                 return tuple(v.to(device) for v in value)
             return value
 
@@ -55,20 +65,25 @@ class SequenceLayout:
     def num_distilled(self) -> int:
         return int(self.distill_position[0].numel())
 
-    def shared_segments(self) -> torch.Tensor | None:
-        return None if self.segments is None else self.segments.gather(1, self.shared_index)
+    @property
+    def num_queries(self) -> int:
+        return self.query_offsets[-1]
+
+    def _segments_at(self, row: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+        if self.segments is None:
+            return None
+        return self.segments[torch.searchsorted(self.rows, row), index]
 
     def query_segments(self) -> torch.Tensor | None:
-        return None if self.segments is None else self.segments.gather(1, self.query_index)
+        """[Nq] document id of each query (None: one document per row)."""
+        return self._segments_at(self.query_row, self.query_index)
+
+    def shared_segments(self) -> torch.Tensor | None:
+        return self._segments_at(self.shared_row, self.shared_index)
 
 
-def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row indices of the True entries, left-aligned and padded: (index [B, K], valid [B, K])."""
-    counts = mask.sum(1)
-    width = int(counts.max()) if mask.numel() else 0
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]
-    return order, valid
+def _offsets(counts: torch.Tensor) -> tuple[int, ...]:
+    return tuple([0] + counts.cumsum(0).tolist())
 
 
 def document_ids(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
@@ -105,25 +120,26 @@ def distilled_rows(labels: torch.Tensor, kd_mask: torch.Tensor, readable: torch.
 
 def build_layout(*, shared: torch.Tensor, distilled: torch.Tensor, valid: torch.Tensor,
                  segments: torch.Tensor | None, full_length: bool) -> SequenceLayout:
-    """Index tensors for the teacher pass over the samples that have distilled rows."""
+    """The packed teacher layout over the samples that have distilled rows."""
     shared = shared & valid
     rows = distilled.any(1).nonzero().squeeze(1)
     shared, distilled, valid = shared[rows], distilled[rows], valid[rows]
     segments = segments[rows] if segments is not None else None
     if full_length:
-        queried = torch.ones_like(valid)
+        queried = valid
     else:
         queried = (valid & ~shared) | distilled
         # Nothing after a row's last distilled position can influence it (causality): skip that tail.
         index = torch.arange(valid.shape[1], device=valid.device)
         last = torch.where(distilled, index, torch.full_like(index, -1)).amax(1, keepdim=True)
-        queried &= index[None, :] <= last
-    shared_index, shared_valid = compact(shared)
-    query_index, query_valid = compact(queried)
-    own_valid = query_valid & (valid & ~shared).gather(1, query_index)
-    slot_of = queried.long().cumsum(1) - 1
-    r, t = distilled.nonzero(as_tuple=True)
-    return SequenceLayout(rows=rows, shared_index=shared_index, shared_valid=shared_valid, query_index=query_index,
-                          query_valid=query_valid & valid.gather(1, query_index) if full_length else query_valid,
-                          own_valid=own_valid, segments=segments, distill_slot=(r, slot_of[r, t]),
-                          distill_position=(rows[r], t))
+        queried = queried & (index[None, :] <= last)
+    q_row, q_index = queried.nonzero(as_tuple=True)  # row-major: the packed order
+    s_row, s_index = shared.nonzero(as_tuple=True)
+    slot_of = (queried.flatten().long().cumsum(0) - 1).view_as(queried)
+    d_row, d_index = distilled.nonzero(as_tuple=True)
+    return SequenceLayout(rows=rows, query_row=rows[q_row], query_index=q_index,
+                          own_valid=(valid & ~shared)[q_row, q_index], query_offsets=_offsets(queried.sum(1)),
+                          shared_row=rows[s_row], shared_index=s_index, shared_offsets=_offsets(shared.sum(1)),
+                          segments=segments, distill_slot=slot_of[d_row, d_index],
+                          distill_position=(rows[d_row], d_index),
+                          shared_slot=slot_of[s_row, s_index] if full_length else None)

@@ -274,8 +274,7 @@ class LinguDistillPlugin(DistillationPlugin):
         context = self.teacher_context(grad=not self.config.detach_shared_kv)
         with self.router.activate(state), context:
             hidden = self._teacher_lm.run(state, input_ids, plan.unreadable)
-        r, slot = state.layout.distill_slot
-        return hidden[r.to(hidden.device), slot.to(hidden.device)]
+        return hidden[state.layout.distill_slot.to(hidden.device)]
 
     def _teacher_head(self, hidden_rows: torch.Tensor) -> torch.Tensor:
         grad = contextlib.nullcontext() if not self.config.detach_shared_kv else torch.no_grad()

@@ -51,31 +51,29 @@ class TeacherLM:
                    multi_axis_positions=is_student_base)
 
     def positions_for(self, positions: torch.Tensor, layout: SequenceLayout, batch: int) -> torch.Tensor:
-        """The student's positions at the teacher's query slots: `[Bk, Tq]` (or `[axes, Bk, Tq]` for the
+        """The student's positions at the teacher's packed slots: `[1, Nq]` (or `[axes, 1, Nq]` for the
         student's own mRoPE decoder; a 1-D RoPE teacher takes the text axis, equal on all axes for text)."""
         if positions.dim() == 3 and not self.multi_axis_positions:
             positions = positions[0]
         device = layout.query_index.device
+        row, index = layout.query_row, layout.query_index
         if positions.dim() == 2:
-            rows = positions.to(device).expand(batch, -1)[layout.rows]
-            return rows.gather(1, layout.query_index)
-        rows = positions.to(device).expand(-1, batch, -1)[:, layout.rows]
-        return rows.gather(2, layout.query_index.expand(rows.shape[0], -1, -1))
+            return positions.to(device).expand(batch, -1)[row, index][None]
+        return positions.to(device).expand(-1, batch, -1)[:, row, index][:, None]
 
     def input_ids_for(self, input_ids: torch.Tensor, layout: SequenceLayout, unreadable: torch.Tensor) -> torch.Tensor:
-        ids = input_ids[layout.rows].gather(1, layout.query_index)
-        blocked = unreadable[layout.rows].gather(1, layout.query_index) | ~layout.query_valid
-        return ids.masked_fill(blocked, self.pad_token_id)
+        row, index = layout.query_row, layout.query_index
+        return input_ids[row, index].masked_fill(unreadable[row, index], self.pad_token_id)[None]
 
     def run(self, state: ForwardState, input_ids: torch.Tensor, unreadable: torch.Tensor) -> torch.Tensor:
-        """One teacher pass (the caller has put the teacher in eval mode and chosen autograd); returns the final
-        hidden states at the query slots `[Bk, Tq, H]`."""
+        """One teacher pass over the packed queries (the caller has put the teacher in eval mode and chosen
+        autograd); returns its final hidden states there, `[Nq, H]`."""
         layout = state.layout
         if state.positions is None:
             raise RuntimeError("lingudistill: the student's rotary embedding never reported its positions")
+        ids = self.input_ids_for(input_ids, layout, unreadable)
         kwargs: dict[str, Any] = dict(
-            input_ids=self.input_ids_for(input_ids, layout, unreadable),
-            attention_mask=layout.query_valid.long(),
+            input_ids=ids, attention_mask=torch.ones_like(ids),
             position_ids=self.positions_for(state.positions, layout, input_ids.shape[0]),
             logits_to_keep=1, use_cache=False)
         device = next(self.head.parameters()).device
@@ -88,7 +86,7 @@ class TeacherLM:
             state.role = "done"
         if state.teacher_hidden is None:
             raise RuntimeError("lingudistill: the teacher's decoder produced no hidden states")
-        return state.teacher_hidden
+        return state.teacher_hidden[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
