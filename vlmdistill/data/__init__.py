@@ -1,2 +1,2 @@
-"""Data pipelines (chat conversations: `conversations` + `chat`; image-text pairs: `image_text`) and the bundled
-data of the demos (`digits`, `text`). Everything reads local files: nothing here downloads anything."""
+"""Data pipelines on local files (nothing here downloads anything): chat conversations (`conversations`, `chat`),
+image–text pairs (`image_text`), text blocks (`text`) and the bundled demo data (`digits`)."""
