@@ -244,8 +244,6 @@ def build_model(spec: ModelSpec, *, role: str):
     if spec.builder is not None:
         model = _lookup(_MODEL_BUILDERS, spec.builder, "model builder")(**spec.kwargs)
     else:
-        import transformers
-
         from .checkpoints import model_class
 
         cls, _ = model_class(spec.path, spec.auto_class, role)
