@@ -9,7 +9,7 @@ import os
 import sys
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -19,7 +19,8 @@ import vlmdistill  # noqa: E402
 
 
 def main(plugin: str, out_path: str) -> None:
-    accelerator = Accelerator(cpu=True)
+    # As the Trainer sets it for a wrapper (not a PreTrainedModel): stages may leave parameters without gradient.
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     rank, world = accelerator.process_index, accelerator.num_processes
     case = load_case(plugin)
     torch.manual_seed(0)
@@ -48,9 +49,11 @@ def main(plugin: str, out_path: str) -> None:
     grads = {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.grad is not None}
     optimizer.step()
     vlmdistill.step_end(model)
+    terms = wrapped.pop_logged_terms()  # a collective: reduced over the ranks
     if rank == 0:
         params = {n: p.detach().clone() for n, p in wrapped.named_parameters()}
-        torch.save({"grads": grads, "params": params, "global_step": int(wrapped.plugin.global_step)}, out_path)
+        torch.save({"grads": grads, "params": params, "global_step": int(wrapped.plugin.global_step),
+                    "terms": terms}, out_path)
     accelerator.wait_for_everyone()
 
 

@@ -20,7 +20,7 @@ from vlmdistill.plugins.dcclip.data import ImageTextCollator, ImageTextShards
 BATCH = 2
 
 
-def train(dataset, collate, runtime, out, rank, **args):
+def train(dataset, collate, runtime, out, **args):
     torch.manual_seed(0)
     student = CLIPModel.from_pretrained(os.path.join(DATA, "student"))
     wrapped = vlmdistill.wrap(student, plugin="dcclip", stage=2, **runtime)
@@ -43,14 +43,14 @@ def main(out: str) -> None:
 
     dataset, collate, runtime = build_image_text(student, None, os.path.join(DATA, "folder"))
     runtime = {k: v for k, v in runtime.items() if k in ("student_tokenizer", "data_fingerprint")}
-    results["folder"] = train(dataset, collate, runtime, out, rank, num_train_epochs=2)
+    results["folder"] = train(dataset, collate, runtime, out, num_train_epochs=2)
 
     tokenizer = runtime["student_tokenizer"]
     shards = ImageTextShards(os.path.join(DATA, "shards"), image_transform_for(student), tokenizer, max_length=32)
     shard_collate = ImageTextCollator(tokenizer.pad_token_id, pad_to=32)
     steps = len(dataset) // (2 * BATCH)  # one epoch over both processes
-    results["shards_dispatched"] = train(shards, shard_collate, runtime, out, rank, max_steps=steps)
-    results["shards_per_process"] = train(shards, shard_collate, runtime, out, rank, max_steps=steps,
+    results["shards_dispatched"] = train(shards, shard_collate, runtime, out, max_steps=steps)
+    results["shards_per_process"] = train(shards, shard_collate, runtime, out, max_steps=steps,
                                           accelerator_config={"dispatch_batches": False})
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(results, fh)

@@ -121,8 +121,25 @@ def test_activation_capture_records_only_inside_a_recording_and_hooks_are_remova
         out = model(x)
     assert set(store) == {"0", "2"} and torch.equal(store["2"], out)
     torch.testing.assert_close(store["0"], model[0](x))
-    assert len(hooks) == 2
+    assert len(model[0]._forward_hooks) == len(model[2]._forward_hooks) == 1
     hooks.remove_all()
     assert not model[0]._forward_hooks and not model[2]._forward_hooks
     with pytest.raises(vlmdistill.UnsupportedModelError, match="Some valid paths"):
         ActivationCapture(model, ["5"], HookManager())
+
+
+def test_activation_capture_keeps_the_output_that_later_hooks_substitute():
+    """DeepSpeed ZeRO-3 registers its hooks after wrap() and replaces module outputs by tensors whose backward
+    re-gathers the weights: the capture must see those, not the tensors before them."""
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
+    capture = ActivationCapture(model, ["0"], HookManager())
+    substituted = []
+
+    def later_hook(module, args, output):  # stands for ZeRO-3's post-forward hook
+        substituted.append(output * 1.0)
+        return substituted[-1]
+
+    model[0].register_forward_hook(later_hook)
+    with capture.record() as store:
+        model(torch.randn(2, 3))
+    assert store["0"] is substituted[-1]

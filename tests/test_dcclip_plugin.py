@@ -33,8 +33,23 @@ def test_gradients_reach_only_the_student_and_the_adapters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     towers = {n: p for n, p in student.named_parameters() if n.startswith(("vision_model.encoder", "text_model.encoder"))}
     assert towers and all(p.grad.abs().sum() > 0 for p in towers.values())
-    # Stage 1 does not train the logit scale: it is touched (zero gradient) only so that DDP sees it.
-    assert float(student.logit_scale.grad) == 0.0
+    # Stage 1 does not train the logit scale: no gradient at all (not a zero one, which would move AdamW's state).
+    assert student.logit_scale.grad is None
+
+
+def test_idle_parameters_get_no_optimizer_update():
+    student = tiny_hf_clip(hidden=16, layers=1, patch=8, seed=1)
+    teacher = tiny_hf_clip(hidden=32, layers=2, patch=4, projection=24, seed=2)
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, embedding_weight=0.5)
+    before = student.logit_scale.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for seed in range(2):
+        wrapped(**_hf_batch(seed=seed)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    # Neither decayed nor moved, and AdamW keeps no moments for it: stage 2 starts it like a fresh optimizer would.
+    assert torch.equal(student.logit_scale.detach(), before)
+    assert student.logit_scale not in optimizer.state
 
 
 FAMILY_PAIRS = [

@@ -97,3 +97,20 @@ def test_shard_pipeline_takes_the_students_image_size(recipe_path, tmp_path):
     assert batch["pixel_values"].shape[-2:] == (16, 16) and batch["input_ids"].shape[1] == 32
     with pytest.raises(ConfigError, match="takes 16x16 images but image_size gives 24x24"):
         build_image_text(student, None, **kwargs, image_size=24)
+
+
+def test_shard_pipeline_gives_a_differently_preprocessed_teacher_its_own_pixels(recipe_path):
+    from vlmdistill.data.image_text import image_transform_for
+    from vlmdistill.plugins.dcclip.recipes import build_image_text
+
+    kwargs = {k: v for k, v in yaml.safe_load(open(recipe_path))["data"]["kwargs"].items() if k != "image_size"}
+    student = tiny_hf_clip(hidden=16, layers=1, patch=8, image_size=16, vocab=300)
+    siglip = tiny_hf_clip("siglip", hidden=16, layers=1, patch=8, image_size=32, vocab=300)
+    dataset, collate, runtime = build_image_text(student, siglip, **kwargs)
+    batch = collate([item for item, _ in zip(dataset, range(3))])
+    assert batch["pixel_values"].shape[-1] == 16 and batch["teacher_pixel_values"].shape[-1] == 32
+    transform = image_transform_for(siglip, role="teacher")
+    assert transform.mean == (0.5, 0.5, 0.5) and dataset.teacher_transform.describe() == transform.describe()
+    same, _, same_runtime = build_image_text(student, tiny_hf_clip(hidden=16, layers=1, image_size=16, vocab=300),
+                                             **kwargs)
+    assert same.teacher_transform is None and same_runtime["data_fingerprint"] != runtime["data_fingerprint"]

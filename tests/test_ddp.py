@@ -30,7 +30,7 @@ def _single_process(plugin):
     grads = {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.grad is not None}
     optimizer.step()
     wrapped.step_end()
-    return grads, {n: p.detach().clone() for n, p in wrapped.named_parameters()}
+    return grads, {n: p.detach().clone() for n, p in wrapped.named_parameters()}, wrapped.pop_logged_terms()
 
 
 @pytest.mark.slow
@@ -44,8 +44,12 @@ def test_two_process_ddp_equals_doubled_batch(plugin, tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ddp = torch.load(out)
-    grads, params = _single_process(plugin)
+    grads, params, terms = _single_process(plugin)
     assert ddp["global_step"] == 1
+    # logged terms are reduced over the ranks: what one process logs for the whole batch
+    assert ddp["terms"].keys() == terms.keys()
+    for name, value in terms.items():
+        assert ddp["terms"][name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
     assert grads.keys() == ddp["grads"].keys()
     for name in grads:
         torch.testing.assert_close(ddp["grads"][name], grads[name], rtol=1e-4, atol=1e-6, msg=name)

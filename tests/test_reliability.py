@@ -62,7 +62,9 @@ def test_an_unsupervised_micro_batch_adds_nothing_to_its_window(plugin, tmp_path
 
 
 def _nan_first_weight(wrapped):
-    param = next(p for p in wrapped.student.parameters() if p.is_floating_point() and p.requires_grad)
+    # a weight the loss reads: one that had a gradient (dcclip's first parameter, the logit scale, is idle in stage 1)
+    trainable = [p for p in wrapped.student.parameters() if p.is_floating_point() and p.requires_grad]
+    param = next((p for p in trainable if p.grad is not None), trainable[0])
     with torch.no_grad():
         param.fill_(float("nan"))
 

@@ -12,6 +12,7 @@ from .errors import ConfigError, DataError
 from .io import PLUGIN_CONFIG_NAME, PLUGIN_STATE_NAME, load_tensors, read_json, tensors_metadata
 from .model import NONFINITE_POLICIES, DistillationModel, distillation_class_for
 from .registry import get_plugin
+from .sharding import ScalarParameters
 
 
 def _split_kwargs(plugin_cls: type, kwargs: dict[str, Any]) -> tuple[dict, dict]:
@@ -46,6 +47,9 @@ def wrap(model: nn.Module, plugin: str = "kd", teacher: Any = None, *, config: P
     unknown keys are refused with the list of valid ones. Teacher/student compatibility is checked
     here, before any training.
 
+    While wrapped, 0-dim parameters (CLIP's `logit_scale`) are 1-element tensors, which FSDP2 can shard;
+    state dicts and exports keep their 0-dim shape, and `unwrap()` restores it.
+
     `on_nonfinite`: a NaN/inf loss term in training raises `NonFiniteLossError` naming the term and the
     step (`"raise"`, the default: such a loss means broken data or numerics, and hiding it wastes the run), or
     drops that optimizer step (`"skip"`, under the Trainer through `DistillationCallback`).
@@ -58,10 +62,19 @@ def wrap(model: nn.Module, plugin: str = "kd", teacher: Any = None, *, config: P
     overrides, runtime = _split_kwargs(plugin_cls, dict(kwargs))
     cfg = build_config(plugin_cls, config, overrides)
     instance = plugin_cls(cfg, **runtime)
-    instance.resolve_teacher(model, teacher)
-    instance.check_compatibility(model)
+    # Before the plugin looks at the student (and copies it, for EMA teachers): 0-dim parameters become
+    # 1-element tensors, which FSDP2 can shard; state dicts keep the 0-dim shape.
+    scalars = ScalarParameters().hold(model)
+    try:
+        instance.resolve_teacher(model, teacher)
+        if isinstance(instance.teacher, nn.Module) and instance.teacher is not model:
+            scalars.hold(instance.teacher)  # a teacher may be sharded like the student
+        instance.check_compatibility(model)
+    except Exception:
+        scalars.release()
+        raise
     wrapper_cls = distillation_class_for(model, instance)
-    wrapped = wrapper_cls(model, instance, on_nonfinite=on_nonfinite)
+    wrapped = wrapper_cls(model, instance, scalars, on_nonfinite=on_nonfinite)
     try:
         instance.attach(model, wrapped._hooks)
     except Exception:

@@ -51,9 +51,9 @@ def cmd_train(args) -> int:
             print(line)
         print(json.dumps(recipe.to_dict(), indent=2, default=str))
         return 0
-    summary = run_recipe(recipe, progress=True)
     from .run_report import summary_table
 
+    summary = run_recipe(recipe, progress=True)
     if summary.get("already_finished"):
         print(f"{recipe.output_dir} holds a finished run of this recipe; nothing was trained")
     print(summary_table(summary.get("log_history", [])))

@@ -74,16 +74,34 @@ def first_tensor(output: Any) -> torch.Tensor:
 class ActivationCapture:
     """Capture the outputs of named submodules during a recording.
 
-    Outputs outside a recording are ignored, so the hooks cost nothing at inference.
+    Outputs outside a recording are ignored, so the hooks cost nothing at inference. Each recording moves the
+    capture hooks behind every other forward hook of their modules, so they keep the output the model itself
+    goes on with: DeepSpeed ZeRO-3 (whose hooks come after wrap()) replaces a module's outputs by tensors whose
+    backward re-gathers the module's partitioned weights, and a capture of the tensors before that would
+    back-propagate into released weights.
     """
 
     def __init__(self, model: nn.Module, paths: list[str], hooks: HookManager, *, role: str = "model",
                  transform: Callable[[Any], torch.Tensor] = first_tensor) -> None:
         self._store: dict[str, torch.Tensor] | None = None
         self.paths = list(paths)
+        self._hooked: list[tuple[nn.Module, Callable, Any]] = []
         for path in self.paths:
             module = get_submodule(model, path, role=role)
-            hooks.forward_hook(module, self._make_hook(path, transform))
+            fn = self._make_hook(path, transform)
+            self._hooked.append((module, fn, module.register_forward_hook(fn)))
+        hooks.add(self)
+
+    def _move_hooks_last(self) -> None:
+        for i, (module, fn, handle) in enumerate(self._hooked):
+            if next(reversed(module._forward_hooks), None) != handle.id:
+                handle.remove()
+                self._hooked[i] = (module, fn, module.register_forward_hook(fn))
+
+    def remove(self) -> None:
+        """Remove the hooks (HookManager calls this on unwrap)."""
+        while self._hooked:
+            self._hooked.pop()[2].remove()
 
     def _make_hook(self, path: str, transform: Callable):
         def hook(_module, _inputs, output):
@@ -94,6 +112,7 @@ class ActivationCapture:
 
     @contextlib.contextmanager
     def record(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._move_hooks_last()
         previous, self._store = self._store, {}
         try:
             yield self._store

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .distributed import is_dtensor, is_main_process
 from .errors import DataError
 from .teachers import is_peft_model
 
@@ -28,7 +29,7 @@ def find_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
     seen: dict[tuple, str] = {}
     aliases = {}
     for key, tensor in state.items():
-        if tensor.numel() == 0 or tensor.device.type == "meta":
+        if tensor.numel() == 0 or tensor.device.type == "meta" or is_dtensor(tensor):
             continue
         ident = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
                  tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
@@ -71,13 +72,17 @@ def load_tensors(path: str, device: str | torch.device = "cpu") -> dict[str, tor
     return state
 
 
-def save_student(student: nn.Module, directory: str) -> None:
-    """Native format: `save_pretrained` for transformers / PEFT models, else `model.safetensors`."""
+def save_student(student: nn.Module, directory: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Native format: `save_pretrained` for transformers / PEFT models, else `model.safetensors`.
+    `state_dict` replaces `student.state_dict()` (the gathered state of a sharded student). Only rank 0 writes."""
+    if not is_main_process():
+        return
     os.makedirs(directory, exist_ok=True)
     if hasattr(student, "save_pretrained"):
-        student.save_pretrained(directory)
+        student.save_pretrained(directory, **({"state_dict": state_dict} if state_dict is not None else {}))
     else:
-        save_tensors(student.state_dict(), os.path.join(directory, GENERIC_WEIGHTS_NAME))
+        save_tensors(student.state_dict() if state_dict is None else state_dict,
+                     os.path.join(directory, GENERIC_WEIGHTS_NAME))
 
 
 def load_student(directory: str, into: nn.Module | None = None) -> nn.Module:

@@ -20,8 +20,10 @@ from torch import nn
 from . import __version__
 from .errors import ConfigError, DataError, NonFiniteLossError
 from .hooks import HookManager
+from .distributed import full_state_dict, is_dtensor, is_main_process, is_sharded, world_size
 from .io import PLUGIN_CONFIG_NAME, PLUGIN_STATE_NAME, find_aliases, save_tensors, write_json
 from .plugin import DistillationPlugin
+from .sharding import ScalarParameters
 from .teachers import is_peft_model
 
 
@@ -74,7 +76,8 @@ class DistillationModel(nn.Module):
     # The Trainer then passes `num_items_in_batch` and trusts the loss to be normalised by it.
     accepts_loss_kwargs = True
 
-    def __init__(self, student: nn.Module, plugin: DistillationPlugin, on_nonfinite: str = "raise") -> None:
+    def __init__(self, student: nn.Module, plugin: DistillationPlugin, scalars: ScalarParameters | None = None,
+                 on_nonfinite: str = "raise") -> None:
         super().__init__()
         if on_nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"on_nonfinite={on_nonfinite!r}: choose one of {', '.join(NONFINITE_POLICIES)}")
@@ -86,6 +89,8 @@ class DistillationModel(nn.Module):
         self._nonfinite_seen = False      # a non-finite loss in the current optimizer step (skip mode)
         self._skip_decided: bool | None = None
         self._hooks = HookManager()
+        # FSDP2 refuses 0-dim parameters: the student's (wrap() held them already) and the plugin's
+        self._scalars = (scalars or ScalarParameters()).hold(plugin)
         self._student_params = inspect.signature(self.forward).parameters
         self._term_sums: dict[str, float] = {}
         self._term_micro_batches = 0
@@ -199,18 +204,31 @@ class DistillationModel(nn.Module):
         self._term_micro_batches += 1
         self._term_window_normalised = window_normalised
 
-    def pop_logged_terms(self) -> dict[str, float]:
+    def pop_logged_terms(self, *, count_is_global: bool = True) -> dict[str, float]:
         """Loss terms since the last call, on the Trainer's `loss` scale: per optimizer step when the
-        loss is normalised over the accumulation window, else per micro-batch."""
-        if not self._term_micro_batches:
-            return {}
-        if self._term_window_normalised:
-            denom = max(self._term_steps, 1)
+        loss is normalised over the accumulation window, else per micro-batch.
+
+        Under data parallelism the terms are reduced over ranks so that they equal the values one process
+        would log for the whole global batch: window-normalised terms are summed when `num_items_in_batch` counts
+        the items of all ranks (`count_is_global`, the Trainer's `average_tokens_across_devices`), per-batch
+        means are averaged. A collective then: call it on every rank (the Trainer's logging does)."""
+        names = sorted(self._term_sums)
+        counts = [float(self._term_micro_batches), float(self._term_steps)]
+        if world_size() > 1:
+            names = _union_across_ranks(names)
+            values = torch.tensor([self._term_sums.get(n, 0.0) for n in names] + counts, dtype=torch.float64,
+                                  device=_collective_device())
+            torch.distributed.all_reduce(values)
+            sums = dict(zip(names, values[:len(names)].tolist()))
+            micro_batches, steps = (values[len(names):] / world_size()).tolist()
+            ranks = 1 if self._term_window_normalised and count_is_global else world_size()
         else:
-            denom = self._term_micro_batches
-        out = {f"distill/{k}": v / denom for k, v in self._term_sums.items()}
+            sums, (micro_batches, steps), ranks = dict(self._term_sums), counts, 1
         self._term_sums, self._term_micro_batches, self._term_steps = {}, 0, 0
-        return out
+        if not micro_batches:
+            return {}
+        denom = max(steps, 1.0) if self._term_window_normalised else micro_batches
+        return {f"distill/{k}": v / denom / ranks for k, v in sums.items()}
 
     # ------------------------------------------------------------- lifecycle
     def unwrap(self) -> nn.Module:
@@ -219,14 +237,31 @@ class DistillationModel(nn.Module):
             return self.student
         self._hooks.remove_all()
         self.plugin.detach(self.student)
+        self._scalars.release()
         self._detached = True
         return self.student
 
-    def save_pretrained(self, directory: str, **_: Any) -> None:
+    def save_pretrained(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None, **_: Any) -> None:
         """The student in its native format, plus `vlmdistill_plugin.json` (plugin name and config)
-        and `vlmdistill_plugin_state.safetensors` (plugin state: projections, EMA, queues, counters)."""
-        os.makedirs(directory, exist_ok=True)
-        self.plugin.save_student(self.student, directory)
+        and `vlmdistill_plugin_state.safetensors` (plugin state: projections, EMA, queues, counters).
+
+        Sharded models (FSDP2, DeepSpeed ZeRO-3) are gathered and written by rank 0: call it on every rank.
+        `state_dict`: the wrapper's full state dict when the caller has gathered it already (the Trainer)."""
+        if state_dict is None:
+            self._keep_aliases = True  # tied weights are the savers' business (transformers, save_tensors)
+            try:
+                state_dict = full_state_dict(self) if world_size() > 1 or is_sharded(self) else self.state_dict()
+            finally:
+                self._keep_aliases = False
+        main = is_main_process()
+        student_state = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
+        if main:
+            _check_not_empty(student_state, "student")
+            os.makedirs(directory, exist_ok=True)
+        # Every rank: a plugin may gather more (an EMA teacher it exports); only rank 0 writes.
+        self.plugin.save_student(self.student, directory, state_dict=_with_aliases(self.student, student_state))
+        if not main:
+            return
         write_json(os.path.join(directory, PLUGIN_CONFIG_NAME), {
             "plugin": self.plugin.name,
             "config": self.plugin.config.to_dict(),
@@ -234,12 +269,38 @@ class DistillationModel(nn.Module):
             "vlmdistill_version": __version__,
             "student_class": f"{type(self.student).__module__}.{type(self.student).__qualname__}",
         })
-        save_tensors(self.plugin.state_dict(), os.path.join(directory, PLUGIN_STATE_NAME),
-                     metadata={"plugin": self.plugin.name})
+        plugin_state = {k[len("plugin."):]: v for k, v in state_dict.items() if k.startswith("plugin.")}
+        save_tensors(plugin_state, os.path.join(directory, PLUGIN_STATE_NAME), metadata={"plugin": self.plugin.name})
+
+    def export_student(self, directory: str) -> None:
+        """Only the student, in its native format (what `unwrap(model).save_pretrained(directory)` writes for an
+        unsharded model), gathered from FSDP2 shards or ZeRO-3 partitions first: call it on every rank."""
+        sharded = world_size() > 1 or is_sharded(self.student)
+        state = full_state_dict(self.student) if sharded else None
+        if state is not None and is_main_process():
+            _check_not_empty(state, "student")
+        self.plugin.save_student(self.student, directory, state_dict=state)
 
     @property
     def teacher(self) -> nn.Module | None:
         return self.plugin.teacher
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The student's, or None where it has none (transformers' CLIPModel raises; accelerate's FSDP2
+        preparation asks every model)."""
+        return _embeddings(self.student, "get_input_embeddings")
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return _embeddings(self.student, "get_output_embeddings")
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The student's transformer block classes (`vlmdistill.sharding.block_classes`), which accelerate's and
+        the Trainer's FSDP auto-wrap policy read from the model it shards: one unit per decoder/encoder layer.
+        (The student's own list can name classes it lacks, which accelerate refuses: LLaVA's.)"""
+        from .sharding import block_class_names
+
+        return block_class_names(self.student)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
         self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
@@ -254,6 +315,14 @@ class DistillationModel(nn.Module):
             if student is None or name.startswith("__"):
                 raise
             return getattr(student, name)
+
+
+def _embeddings(student: nn.Module, getter: str) -> nn.Module | None:
+    method = getattr(student, getter, None)
+    try:
+        return method() if callable(method) else None
+    except NotImplementedError:
+        return None
 
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -325,10 +394,52 @@ class DistillationOutput(dict):
         self.student_output = student_output
 
 
+def _check_not_empty(state: dict[str, torch.Tensor], what: str) -> None:
+    """ZeRO-3 placeholders read outside a gather are empty: never write those silently."""
+    empty = [k for k, v in state.items() if v.numel() == 0 and v.dim() > 0]
+    if empty:
+        raise RuntimeError(f"the {what} state holds empty tensors ({empty[:3]}...): its parameters are partitioned "
+                           "(DeepSpeed ZeRO-3) and were not gathered; save through the wrapper's save_pretrained")
+
+
+def registered_aliases(module: nn.Module) -> dict[str, str]:
+    """{alias name: kept name} of parameters and buffers registered under several names (tied weights).
+    From the module structure, so it holds for sharded parameters alike and is the same on every rank."""
+    seen: dict[int, str] = {}
+    aliases = {}
+    named = (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        if id(tensor) in seen:
+            aliases[name] = seen[id(tensor)]
+        else:
+            seen[id(tensor)] = name
+    return aliases
+
+
+def _state_aliases(module: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, str]:
+    """Aliases among `state_dict`'s keys: registered tied weights, then plain tensors sharing storage
+    (e.g. tied weights inside a plugin's EMA teacher copy)."""
+    aliases = {prefix + a: prefix + k for a, k in registered_aliases(module).items()
+               if prefix + a in state_dict and prefix + k in state_dict}
+    plain = {k: v for k, v in state_dict.items()
+             if k.startswith(prefix) and k not in aliases and not is_dtensor(v)}
+    aliases.update(find_aliases(plain))
+    return aliases
+
+
+def _with_aliases(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with its dropped tied-weight keys put back (pointing at the kept tensor)."""
+    state = dict(state)
+    for alias, kept in registered_aliases(module).items():
+        if alias not in state and kept in state:
+            state[alias] = state[kept]
+    return state
+
+
 def _drop_aliases_hook(module, state_dict, prefix, local_metadata):
     if getattr(module, "_keep_aliases", False):
         return
-    for alias in find_aliases(state_dict):
+    for alias in _state_aliases(module, state_dict, prefix):
         del state_dict[alias]
 
 
@@ -339,6 +450,18 @@ def _restore_aliases_hook(module, state_dict, prefix, local_metadata, strict, mi
         own = module.state_dict(keep_vars=True)
     finally:
         module._keep_aliases = False
-    for alias, kept in find_aliases(own).items():
+    for alias, kept in _state_aliases(module, own, "").items():
         if prefix + alias not in state_dict and prefix + kept in state_dict:
             state_dict[prefix + alias] = state_dict[prefix + kept]
+
+
+def _union_across_ranks(names: list[str]) -> list[str]:
+    """Every rank's term names (ranks may have skipped a term, e.g. no distilled row on one of them)."""
+    gathered: list[list[str]] = [[] for _ in range(world_size())]
+    torch.distributed.all_gather_object(gathered, names)
+    return sorted({n for part in gathered for n in part})
+
+
+def _collective_device() -> torch.device:
+    backend = torch.distributed.get_backend()
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(backend) else torch.device("cpu")

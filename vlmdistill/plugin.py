@@ -36,6 +36,55 @@ class DistillationResult:
     loss_terms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
+class HiddenState(nn.Module):
+    """A view of a plugin's `hidden_state()` (EMA teachers, queues) as the `hidden` submodule that its state-dict
+    keys `plugin.hidden.<key>` name. It holds nothing itself (the plugin saves and loads the tensors); it lets
+    tools that walk state-dict keys as attribute paths and list a module's own tensors with
+    `named_buffers(recurse=False)` — `torch.distributed.checkpoint.state_dict`, which accelerate and the Trainer use
+    for FSDP2 checkpoints — find them. `module.buffers()` of the wrapper does not list them (DDP does not sync them)."""
+
+    def __init__(self, plugin: "DistillationPlugin") -> None:
+        super().__init__()
+        object.__setattr__(self, "_plugin", plugin)  # not a submodule: the plugin owns this view
+
+    def named_buffers(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for key, tensor in self._plugin.hidden_state().items():
+            yield (f"{prefix}.{key}" if prefix else key), tensor
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            found = _hidden_path(self._plugin.hidden_state(), name)
+            if found is None:
+                raise
+            return found
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        """The plugin loads the hidden tensors itself."""
+
+
+class _HiddenPath:
+    """A prefix of hidden-state keys, resolved one attribute at a time."""
+
+    def __init__(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        self._state, self._prefix = state, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        found = _hidden_path(self._state, self._prefix + name)
+        if found is None:
+            raise AttributeError(f"no hidden state under {self._prefix + name!r}")
+        return found
+
+
+def _hidden_path(state: dict[str, torch.Tensor], key: str):
+    if key in state:
+        return state[key]
+    if any(k.startswith(key + ".") for k in state):
+        return _HiddenPath(state, key + ".")
+    return None
+
+
 class DistillationPlugin(nn.Module):
     #: registry name, e.g. "kd"
     name: ClassVar[str] = ""
@@ -59,6 +108,7 @@ class DistillationPlugin(nn.Module):
         self.runtime = runtime
         # Optimizer steps seen; a buffer so it is saved, restored and kept equal across DDP ranks.
         self.register_buffer("global_step", torch.zeros((), dtype=torch.long))
+        self.hidden = HiddenState(self)
         self._teacher_is_student_base = False
         self._set_teacher(teacher)
 
@@ -143,9 +193,21 @@ class DistillationPlugin(nn.Module):
         """Called by `DistillationTrainerMixin` with all micro-batches of the coming optimizer step,
         before the first of them is forwarded. Most plugins ignore it."""
 
+    def shard_teacher(self, placement: str, **fsdp_kwargs: Any) -> None:
+        """Shard the teacher for FSDP2 (`vlmdistill.shard(model, teacher=placement)`: 'shard' or 'offload').
+        Plugins whose teacher is several modules (an EMA head beside an EMA backbone) shard each."""
+        from .sharding import shard_teacher
+
+        shard_teacher(self.teacher, placement, **fsdp_kwargs)
+
     # ------------------------------------------------------------- persistence
     def hidden_state(self) -> dict[str, torch.Tensor]:
         """Persistent tensors kept outside parameters/buffers (EMA teachers, queues). Saved with the plugin."""
+        return {}
+
+    def hidden_modules(self) -> dict[str, nn.Module]:
+        """The modules behind `hidden_state()` entries, by key prefix (`{"teacher.": ema.module}`): their
+        state-dict hooks also apply to gathered (sharded) state."""
         return {}
 
     def load_hidden_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -173,11 +235,16 @@ class DistillationPlugin(nn.Module):
         rest = {k: v for k, v in state_dict.items() if not k.startswith(hidden_prefix)}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    def save_student(self, student: nn.Module, directory: str) -> None:
-        """Write the student in its native format. Override for non-HF models or other exports."""
+    def save_student(self, student: nn.Module, directory: str, state_dict: dict[str, torch.Tensor] | None = None
+                     ) -> None:
+        """Write the student in its native format. Override for non-HF models or other exports.
+
+        Called on every rank (sharded state is gathered collectively); only rank 0 writes. `state_dict`: the
+        student's full state (gathered from FSDP2 shards or ZeRO-3 partitions; `{}` on other ranks), None to
+        write the student's own `state_dict()`."""
         from .io import save_student
 
-        save_student(student, directory)
+        save_student(student, directory, state_dict=state_dict)
 
     @classmethod
     def load_student(cls, student: nn.Module | None, directory: str) -> nn.Module:

@@ -152,6 +152,36 @@ class DataSpec(PluginConfig):
 
 
 @dataclasses.dataclass
+class DistributedSpec(PluginConfig):
+    """How student and teacher are spread over the processes of `accelerate launch` / `torchrun`."""
+
+    strategy: Literal["ddp", "fsdp2", "zero3"] = option(
+        "ddp", "'ddp': a full copy per process (also one process); 'fsdp2': PyTorch FSDP2 through the Trainer, one "
+               "unit per student block; 'zero3': DeepSpeed ZeRO-3 through the Trainer (pip install vlmdistill[deepspeed])")
+    teacher: Literal["replicate", "shard", "offload"] = option(
+        "replicate", "teacher placement: a full copy per process; sharded like the student; or sharded with its "
+                     "shards in CPU memory (EMA teachers of msd/ccd under zero3: replicate only)")
+    reshard_after_forward: bool = option(True, "fsdp2: free gathered student blocks after their forward")
+    cpu_offload: bool = option(False, "student parameters (and ZeRO-3 optimizer state) in CPU memory")
+    state_dict_type: Literal["SHARDED_STATE_DICT", "FULL_STATE_DICT"] = option(
+        "SHARDED_STATE_DICT", "fsdp2 checkpoints: one file per rank (DCP) or gathered on rank 0")
+    deepspeed: dict[str, Any] = option(default_factory=dict,
+                                       help="zero3: DeepSpeed config entries merged over the defaults")
+
+    def training_arguments(self) -> dict[str, Any]:
+        """TrainingArguments fields for this strategy."""
+        if self.strategy == "fsdp2":
+            return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": self.reshard_after_forward,
+                                                  "cpu_offload": self.cpu_offload,
+                                                  "state_dict_type": self.state_dict_type}}
+        if self.strategy == "zero3":
+            from .zero3 import zero3_config
+
+            return {"deepspeed": zero3_config(offload=self.cpu_offload, **self.deepspeed)}
+        return {}
+
+
+@dataclasses.dataclass
 class Recipe(PluginConfig):
     plugin: str = option(help="registered plugin name (see `vlmdistill plugins`)")
     student: ModelSpec = option(help="the model being trained")
@@ -168,10 +198,16 @@ class Recipe(PluginConfig):
     seed: int = option(0, "random seed for model building and training")
     on_nonfinite: Literal["raise", "skip"] = option(
         "raise", "a NaN/inf loss term stops the run naming the term and step ('raise'), or drops that step ('skip')")
+    distributed: DistributedSpec = option(default_factory=DistributedSpec,
+                                          help="data parallelism: DDP, FSDP2 or DeepSpeed ZeRO-3, and the teacher's place")
 
     def validate(self, where=None):
         super().validate(where)
         self.training = check_training_fields(self.training, f"{where or 'recipe'}.training")
+        taken = sorted({"fsdp", "fsdp_config", "deepspeed"} & set(self.training))
+        if taken and self.distributed.strategy != "ddp":
+            raise ConfigError(f"{where or 'recipe'}: training.{taken[0]} and distributed.strategy="
+                              f"{self.distributed.strategy!r} both configure sharding; keep one")
 
 
 def load_recipe(path: str, overrides: list[str] | None = None) -> Recipe:
@@ -208,8 +244,6 @@ def build_model(spec: ModelSpec, *, role: str):
     if spec.builder is not None:
         model = _lookup(_MODEL_BUILDERS, spec.builder, "model builder")(**spec.kwargs)
     else:
-        import transformers
-
         from .checkpoints import model_class
 
         cls, _ = model_class(spec.path, spec.auto_class, role)
@@ -263,11 +297,14 @@ def training_arguments(recipe: Recipe):
     # Builders' datasets hand raw columns (conversations, images) to their collators: the Trainer must keep them.
     defaults = {"report_to": [], "save_strategy": "steps", "save_steps": 100, "logging_steps": 10,
                 "seed": recipe.seed, "use_cpu": not _cuda_available(), "remove_unused_columns": False}
+    sharding = recipe.distributed.training_arguments()
+    if "deepspeed" in sharding:
+        defaults.pop("use_cpu")  # DeepSpeed picks its own accelerator (its CPU one without a GPU)
     if recipe.eval_data is not None:  # evaluate at every checkpoint; the loss only, never gathered logits
         defaults.update(eval_strategy="steps", eval_steps=training.get("save_steps", 100), prediction_loss_only=True)
     try:
         return TrainingArguments(output_dir=os.path.join(recipe.output_dir, "checkpoints"),
-                                 **{**defaults, **training})
+                                 **{**defaults, **sharding, **training})
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"training: {exc}") from None
 
@@ -400,6 +437,7 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None, progress: bool = F
     wrap_kwargs = {k: v for k, v in {**folders.runtime(), **wrap_kwargs}.items() if k in plugin_cls.runtime_args}
     wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config,
                    on_nonfinite=recipe.on_nonfinite, **wrap_kwargs)
+    _place_teacher(wrapped, recipe.distributed)
     report = RunReport(recipe.output_dir, progress=progress)
     trainer = _recipe_trainer_class()(model=wrapped, args=args, train_dataset=train_dataset,
                                       eval_dataset=eval_dataset, data_collator=collator, eval_collator=eval_collator,
@@ -410,7 +448,8 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None, progress: bool = F
     final_dir = os.path.join(recipe.output_dir, "final")
     wrapped.save_pretrained(final_dir)
     student_dir = os.path.join(recipe.output_dir, "student")
-    wrapped.plugin.save_student(unwrap(wrapped), student_dir)
+    wrapped.export_student(student_dir)  # gathered when sharded (FSDP2, ZeRO-3); every rank calls it
+    unwrap(wrapped)
     if folders.student_processor is not None:  # tokenizer, image processor and chat template, as trained with
         folders.student_processor.save_pretrained(student_dir)
     summary = {"resumed_from": plan.checkpoint, "global_step": trainer.state.global_step,
@@ -440,6 +479,20 @@ def _recipe_trainer_class():
                 self.data_collator = train_collator
 
     return RecipeTrainer
+
+
+def _place_teacher(wrapped, spec: DistributedSpec) -> None:
+    """The student is sharded by the Trainer (accelerate); the teacher, which it never sees, is placed here."""
+    if spec.teacher == "replicate":
+        return
+    if spec.strategy == "fsdp2":
+        wrapped.plugin.shard_teacher(spec.teacher)
+    elif spec.strategy == "zero3":
+        from .zero3 import partition_teacher
+
+        partition_teacher(wrapped, offload=spec.teacher == "offload")
+    else:
+        raise ConfigError(f"distributed.teacher={spec.teacher!r} needs strategy 'fsdp2' or 'zero3'")
 
 
 # ---------------------------------------------------------------------------- built-in builders

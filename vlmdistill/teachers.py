@@ -79,46 +79,63 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class EMATeacher:
-    """An exponential-moving-average copy of a module, updated with fused multi-tensor ops.
+    """An exponential-moving-average copy of a module (momentum teachers of MSD, CCD, DINO-style methods).
 
-    `update(student, momentum)`: θ_t ← m·θ_t + (1−m)·θ_s for parameters (one `_foreach_lerp_`);
-    buffers are copied (`buffers="copy"`, BatchNorm running stats follow the student) or averaged
-    the same way (`buffers="ema"`). Integer buffers (e.g. `num_batches_tracked`) are always copied.
+    `EMATeacher(student)` deep-copies the student as it is at wrap time (unsharded; frozen, eval mode).
+    `update(student, momentum)`: θ_t ← m·θ_t + (1−m)·θ_s for parameters with fused multi-tensor ops; buffers are
+    copied (`buffers="copy"`, BatchNorm running stats follow the student) or averaged the same way
+    (`buffers="ema"`); integer buffers (e.g. `num_batches_tracked`) are always copied.
+
+    The student may be sharded after the copy was made, and the teacher placed as the user likes; the update
+    stays exact and leaves the teacher identical on every rank:
+
+    * teacher replicated, student FSDP2-sharded: each parameter's full value is all-gathered (one at a time);
+    * teacher FSDP2-sharded like the student (`vlmdistill.shard(model, teacher="shard")`): local shards only,
+      no communication;
+    * student DeepSpeed ZeRO-3: its partitions are gathered a few parameters at a time (teacher replicated), or
+      lerped partition by partition when the teacher is partitioned too.
+
+    `follow(student)` moves an unsharded teacher to the student's device (`wrapped.to(device)` does not reach it:
+    teachers are not registered modules). `broadcast(src)` makes replicated copies equal to rank `src`'s.
     """
+
+    #: elements of ZeRO-3 student parameters gathered at once during an update (bounds the temporary memory)
+    gather_numel = 1 << 26
 
     def __init__(self, student: nn.Module, *, buffers: str = "copy") -> None:
         if buffers not in ("copy", "ema"):
             raise ValueError(f"buffers must be 'copy' or 'ema', got {buffers!r}")
+        from .distributed import is_sharded
+
+        if is_sharded(student):
+            raise ValueError("EMATeacher copies the student, but it is already sharded (FSDP2 / ZeRO-3): build the "
+                             "wrapper with vlmdistill.wrap() before sharding it (accelerate and vlmdistill.shard do)")
         self.buffer_mode = buffers
         self.module = freeze(copy.deepcopy(student))
-        self._pairs_cache: tuple | None = None
 
     def _pairs(self, student: nn.Module):
-        key = id(student)
-        if self._pairs_cache is None or self._pairs_cache[0] != key:
-            t_params = [p for _, p in self.module.named_parameters()]
-            s_params = [p for _, p in student.named_parameters()]
-            t_bufs = [b for _, b in self.module.named_buffers()]
-            s_bufs = [b for _, b in student.named_buffers()]
-            if len(t_params) != len(s_params) or len(t_bufs) != len(s_bufs):
-                raise ValueError("EMA teacher and student no longer have the same parameters")
-            float_bufs = [(t, s) for t, s in zip(t_bufs, s_bufs) if t.is_floating_point()]
-            other_bufs = [(t, s) for t, s in zip(t_bufs, s_bufs) if not t.is_floating_point()]
-            self._pairs_cache = (key, t_params, s_params, float_bufs, other_bufs)
-        return self._pairs_cache[1:]
+        # Rebuilt every time: sharding replaces the student's parameter objects after the teacher was made.
+        t_params = [p for _, p in self.module.named_parameters()]
+        s_params = [p for _, p in student.named_parameters()]
+        t_bufs = [b for _, b in self.module.named_buffers()]
+        s_bufs = [b for _, b in student.named_buffers()]
+        if len(t_params) != len(s_params) or len(t_bufs) != len(s_bufs):
+            raise ValueError("EMA teacher and student no longer have the same parameters")
+        return list(zip(t_params, s_params)), list(zip(t_bufs, s_bufs))
 
     @torch.no_grad()
     def update(self, student: nn.Module, momentum: float) -> None:
-        t_params, s_params, float_bufs, other_bufs = self._pairs(student)
+        from .distributed import gathered_parameters, is_zero3
+
+        params, bufs = self._pairs(student)
         weight = 1.0 - float(momentum)
-        # Group by (device, dtype): _foreach ops need matching tensor lists.
-        groups: dict[tuple, tuple[list, list]] = {}
-        for t, s in zip(t_params, s_params):
-            g = groups.setdefault((t.device, t.dtype), ([], []))
-            g[0].append(t)
-            g[1].append(s.detach().to(t.dtype) if s.dtype != t.dtype else s.detach())
-        for ts, ss in groups.values():
-            torch._foreach_lerp_(ts, ss, weight)
+        gathered = [(t, s) for t, s in params if is_zero3(s) and not is_zero3(t)]
+        direct = [(t, s) for t, s in params if not (is_zero3(s) and not is_zero3(t))]
+        self._lerp(direct, weight)
+        for chunk in _chunks(gathered, self.gather_numel):
+            with gathered_parameters([s for _, s in chunk]):
+                self._lerp(chunk, weight)
+        float_bufs = [(t, s) for t, s in bufs if t.is_floating_point()]
         if float_bufs:
             ts = [t for t, _ in float_bufs]
             ss = [s.to(t.dtype) for t, s in float_bufs]
@@ -126,11 +143,89 @@ class EMATeacher:
                 torch._foreach_lerp_(ts, ss, weight)
             else:
                 torch._foreach_copy_(ts, ss)
-        for t, s in other_bufs:
-            t.copy_(s)
+        for t, s in bufs:
+            if not t.is_floating_point():
+                t.copy_(s)
+
+    @staticmethod
+    def _lerp(pairs, weight: float) -> None:
+        # Group by (device, dtype): _foreach ops need matching tensor lists.
+        groups: dict[tuple, tuple[list, list]] = {}
+        for t, s in pairs:
+            t_local, s_value = _aligned(t, s.detach())
+            g = groups.setdefault((t_local.device, t_local.dtype), ([], []))
+            g[0].append(t_local)
+            g[1].append(s_value.to(t_local.dtype) if s_value.dtype != t_local.dtype else s_value)
+        for ts, ss in groups.values():
+            torch._foreach_lerp_(ts, ss, weight)
+
+    def follow(self, student: nn.Module) -> None:
+        """Move the (unsharded) teacher to the student's device."""
+        from .distributed import is_sharded
+
+        device = module_device(student)
+        if not is_sharded(self.module) and module_device(self.module) != device:
+            self.module.to(device)
+
+    @torch.no_grad()
+    def broadcast(self, src: int = 0) -> None:
+        """Replicated tensors take rank `src`'s values (processes may have built different students before
+        DDP broadcast rank 0's weights); shards are left alone. A collective."""
+        import torch.distributed as dist
+
+        from .distributed import is_dtensor, is_zero3, world_size
+
+        if world_size() == 1:
+            return
+        for tensor in (*self.module.parameters(), *self.module.buffers()):
+            if not (is_dtensor(tensor) or is_zero3(tensor)):
+                dist.broadcast(tensor.data, src=src)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Full or sharded values; full values are cut to this rank's shard when the teacher is sharded."""
+        from .distributed import is_dtensor
+
+        own = self.module.state_dict()
+        state = {k: _shard_like(own[k], v.reshape(own[k].shape))  # (a 0-dim value for a held 1-element one)
+                 if k in own and is_dtensor(own[k]) and not is_dtensor(v) else v for k, v in state.items()}
         self.module.load_state_dict(state)
+
+
+def _aligned(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the teacher tensor to update in place, the student values it averages in), laid out alike."""
+    from .distributed import is_dtensor, is_zero3
+
+    if is_zero3(teacher):  # partitioned the same way: partition by partition
+        return teacher.ds_tensor, student.ds_tensor
+    if is_dtensor(teacher):
+        if not is_dtensor(student):
+            return teacher.to_local(), _shard_like(teacher, student).to_local()
+        if student.placements != teacher.placements or student.device_mesh != teacher.device_mesh:
+            student = student.redistribute(teacher.device_mesh, teacher.placements)
+        return teacher.to_local(), student.to_local()
+    if is_dtensor(student):
+        return teacher, student.full_tensor()
+    return teacher, student
+
+
+def _shard_like(like: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` (the same on every rank) as a DTensor laid out like `like`, without communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _chunks(pairs: list, numel: int) -> Iterator[list]:
+    chunk, size = [], 0
+    for pair in pairs:
+        n = int(getattr(pair[1], "ds_numel", pair[1].numel()))
+        if chunk and size + n > numel:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(pair)
+        size += n
+    if chunk:
+        yield chunk

@@ -61,6 +61,8 @@ class TeacherCentre:
         self.pending_count = torch.zeros((), dtype=torch.float64, device=device)
 
     def to(self, device: torch.device) -> None:
+        if self.value.device == torch.device(device):
+            return
         self.value = self.value.to(device)
         self.pending_sum = self.pending_sum.to(device)
         self.pending_count = self.pending_count.to(device)

@@ -96,7 +96,7 @@ class CCDPlugin(DistillationPlugin):
         pixels = inputs[key]
         b, _, h, w = pixels.shape
         grid = spec.grid((h, w))
-        self._follow_device(pixels.device)
+        self._follow_device()
         step = int(self.global_step)
 
         with torch.no_grad():
@@ -174,12 +174,17 @@ class CCDPlugin(DistillationPlugin):
         mean, std = self._stats(images)
         return (images - mean) / std
 
-    def _follow_device(self, device: torch.device) -> None:
+    def _follow_device(self) -> None:
         """The EMA teacher lives outside module registration, so `.to()` on the wrapper does not move it."""
-        if module_device(self.teacher) != device:
-            self.teacher.to(device)
-            self._ema_head.module.to(device)
-            self._centre.to(device)
+        self._ema_backbone.follow(self._student)
+        self._ema_head.follow(self.student_head)
+        self._centre.to(module_device(self.student_head))
+
+    def shard_teacher(self, placement: str, **fsdp_kwargs: Any) -> None:
+        from vlmdistill.sharding import shard_teacher
+
+        shard_teacher(self._ema_backbone.module, placement, **fsdp_kwargs)
+        shard_teacher(self._ema_head.module, placement, **fsdp_kwargs)
 
     # ---------------------------------------------------------------- per step
     def on_step_end(self) -> None:
@@ -200,6 +205,11 @@ class CCDPlugin(DistillationPlugin):
         state["center"] = self._centre.value
         return state
 
+    def hidden_modules(self) -> dict[str, nn.Module]:
+        if self._ema_backbone is None:
+            return {}
+        return {"teacher.": self._ema_backbone.module, "teacher_head.": self._ema_head.module}
+
     def load_hidden_state(self, state: dict[str, torch.Tensor]) -> None:
         expected = set(self.hidden_state())
         if set(state) != expected:
@@ -208,19 +218,24 @@ class CCDPlugin(DistillationPlugin):
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
-        self._ema_backbone.module.load_state_dict(part("teacher."))
-        self._ema_head.module.load_state_dict(part("teacher_head."))
+        self._ema_backbone.load_state_dict(part("teacher."))
+        self._ema_head.load_state_dict(part("teacher_head."))
         self._centre.value.copy_(state["center"])
 
-    def save_student(self, student: nn.Module, directory: str) -> None:
+    def save_student(self, student: nn.Module, directory: str, state_dict: dict[str, torch.Tensor] | None = None
+                     ) -> None:
         """The student backbone in its native format at the top level, plus the EMA teacher backbone (the
         encoder CCD recommends for downstream fine-tuning) in `ccd_teacher_encoder/` and a note
         `ccd_export.json` saying which is which."""
+        from vlmdistill.distributed import full_state_dict, is_main_process
         from vlmdistill.io import save_student
 
-        super().save_student(student, directory)
+        super().save_student(student, directory, state_dict=state_dict)
         if self.teacher is not None:
-            save_student(self.teacher, os.path.join(directory, TEACHER_ENCODER_DIR))
+            teacher_state = full_state_dict(self.teacher)  # every rank: a sharded teacher is gathered
+            save_student(self.teacher, os.path.join(directory, TEACHER_ENCODER_DIR), state_dict=teacher_state)
+        if not is_main_process():
+            return
         with open(os.path.join(directory, EXPORT_NOTE_NAME), "w") as fh:
             json.dump({"student_backbone": ".", "teacher_encoder": TEACHER_ENCODER_DIR,
                        "use_for_downstream": TEACHER_ENCODER_DIR,

@@ -140,13 +140,13 @@ class CCDViT(nn.Module):
         return CCDViTOutput(last_hidden_state=self.norm(x))
 
     # ------------------------------------------------------------------------------- persistence
-    def save_pretrained(self, directory: str, **_: Any) -> None:
+    def save_pretrained(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None, **_: Any) -> None:
         os.makedirs(directory, exist_ok=True)
         payload = {"model_type": MODEL_TYPE, **dataclasses.asdict(self.config)}
         with open(os.path.join(directory, CONFIG_NAME), "w") as fh:
             json.dump(payload, fh, indent=2)
             fh.write("\n")
-        save_tensors(self.state_dict(), os.path.join(directory, WEIGHTS_NAME))
+        save_tensors(self.state_dict() if state_dict is None else state_dict, os.path.join(directory, WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, directory: str, dtype: torch.dtype | None = None, **overrides: Any) -> "CCDViT":

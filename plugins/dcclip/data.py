@@ -121,6 +121,8 @@ class ImageTextShards(torch.utils.data.IterableDataset):
     source: a directory with `shards.json`, or a list of `.tar` paths.
     split_by_node: each distributed process reads only its share of the shards (plain loops; leave it off
     under the HF Trainer / accelerate, which split the stream themselves).
+    teacher_transform: the teacher's own preprocessing, when it differs (samples then carry
+    `teacher_pixel_values`, the same crop seen the teacher's way).
     on_error: 'skip' — a missing or corrupt shard, or an undecodable sample, is logged with its shard
     name and counted in `stats.skipped_samples`, and the pass goes on; 'stop' — raise `DataError`
     naming the shard.
@@ -129,7 +131,8 @@ class ImageTextShards(torch.utils.data.IterableDataset):
     def __init__(self, source: str | Sequence[str], transform: Callable, tokenizer: Any, *, style: Style = "hf",
                  max_length: int | None = None, shuffle_buffer: int = 0, shardshuffle: int | bool = False,
                  seed: int = 0, on_error: Literal["skip", "stop"] = "skip", augmentation_seeds: int = 1,
-                 languages: Sequence[str] | None = None, split_by_node: bool = False) -> None:
+                 languages: Sequence[str] | None = None, split_by_node: bool = False,
+                 teacher_transform: Callable | None = None) -> None:
         super().__init__()
         if on_error not in ("skip", "stop"):
             raise ConfigError(f"on_error={on_error!r}; valid: ['skip', 'stop']")
@@ -148,6 +151,7 @@ class ImageTextShards(torch.utils.data.IterableDataset):
         self.on_error, self.augmentation_seeds = on_error, max(int(augmentation_seeds), 1)
         self.languages = set(languages) if languages else None
         self.split_by_node = bool(split_by_node)
+        self.teacher_transform = teacher_transform
         self.epoch = 0
         self.stats = LoaderStats()
 
@@ -163,6 +167,8 @@ class ImageTextShards(torch.utils.data.IterableDataset):
         payload = {"transform": describe() if callable(describe) else repr(self.transform),
                    "tokenizer": tokenizer_identity(self.tokenizer), "style": self.style,
                    "max_length": self.max_length, "augmentation_seeds": self.augmentation_seeds}
+        if self.teacher_transform is not None:
+            payload["teacher_transform"] = self.teacher_transform.describe()
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
     # ------------------------------------------------------------------ errors
@@ -237,10 +243,13 @@ class ImageTextShards(torch.utils.data.IterableDataset):
                 continue
             self.stats.per_shard[shard] += 1
             self.stats.samples += 1
-            yield {pixel_key: self.transform(decoded["image"], key, augmentation_seed),
-                   ids_key: self._tokenize(decoded["caption"]),
-                   "sample_key": key, "augmentation_seed": augmentation_seed,
-                   "caption": decoded["caption"], "language": decoded["language"]}
+            item = {pixel_key: self.transform(decoded["image"], key, augmentation_seed),
+                    ids_key: self._tokenize(decoded["caption"]),
+                    "sample_key": key, "augmentation_seed": augmentation_seed,
+                    "caption": decoded["caption"], "language": decoded["language"]}
+            if self.teacher_transform is not None:
+                item["teacher_pixel_values"] = self.teacher_transform(decoded["image"], key, augmentation_seed)
+            yield item
 
 
 def _every_shard(urls):

@@ -38,10 +38,11 @@ def open_clip_model_config(config: str | Mapping[str, Any]) -> dict:
 
 
 def save_open_clip(model: nn.Module, directory: str, config: str | Mapping[str, Any] | None = None,
-                   preprocess: Mapping[str, Any] | None = None) -> None:
-    """Weights always; `open_clip_config.json` when the architecture config is known."""
+                   preprocess: Mapping[str, Any] | None = None, state_dict: dict | None = None) -> None:
+    """Weights always (`state_dict`, default the model's own); `open_clip_config.json` when the architecture
+    config is known."""
     os.makedirs(directory, exist_ok=True)
-    save_tensors(model.state_dict(), os.path.join(directory, OPEN_CLIP_WEIGHTS))
+    save_tensors(model.state_dict() if state_dict is None else state_dict, os.path.join(directory, OPEN_CLIP_WEIGHTS))
     if config is not None:
         visual = getattr(model, "visual", None)
         preprocess_cfg = dict(getattr(visual, "preprocess_cfg", {}) or {})

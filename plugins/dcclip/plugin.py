@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmdistill.data.image_text import decode_keys
+from vlmdistill.distributed import gathered_parameters
 from vlmdistill.errors import ConfigError, DataError, IncompatibleTeacherError, UnsupportedModelError
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
 
@@ -59,7 +60,7 @@ class DCCLIPPlugin(DistillationPlugin):
         self.cache: TeacherFeatureCache | None = None
         self._student_taps: ModelTaps | None = None
         self._teacher_taps: ModelTaps | None = None
-        self._student_logit_scale: nn.Parameter | None = None
+        object.__setattr__(self, "_student", None)  # a plain attribute: never registered a second time
 
     # ------------------------------------------------------------------ wrap
     def check_compatibility(self, student: nn.Module) -> None:
@@ -131,8 +132,7 @@ class DCCLIPPlugin(DistillationPlugin):
     def _prepare_logit_scale(self, student: nn.Module) -> None:
         cfg = self.config
         own = self.student_spec.logit_scale(student)
-        # A plain attribute: the student's parameter must not be registered a second time under the plugin.
-        object.__setattr__(self, "_student_logit_scale", own)
+        object.__setattr__(self, "_student", student)
         if cfg.logit_scale == "student" and own is None:
             raise UnsupportedModelError(f"dcclip: logit_scale='student' but the {self.student_spec.family} student "
                                         "has no logit_scale parameter; use 'auto' or 'plugin'")
@@ -152,20 +152,22 @@ class DCCLIPPlugin(DistillationPlugin):
             out, loss, terms = self._stage2(student, inputs)
         else:
             out, loss, terms = self._stage1(student, inputs, extras)
-        # Every trainable tensor joins the graph (with weight 0) so that DDP, which waits for a gradient
-        # of each parameter, also works while a stage leaves some unused (projections in stage 1,
-        # adapters in stage 2), and single-process runs see the same set of gradients.
-        loss = loss + 0.0 * self._touch(student)
+        # Parameters a stage does not use (logit scales in stage 1, adapters in stage 2) get no gradient at all,
+        # so the optimizer leaves them and their state alone; DDP needs find_unused_parameters=True (the
+        # Trainer's default for this wrapper).
         return DistillationResult(output=out, loss=loss, loss_terms=terms)
 
-    def _touch(self, student: nn.Module) -> torch.Tensor:
-        params = [p for p in (*student.parameters(), *self.parameters()) if p.requires_grad]
-        return torch.stack([p.reshape(-1)[0].float() for p in params]).sum() if params else torch.zeros(())
+    def logit_scale(self) -> nn.Parameter | None:
+        """The stage-2 temperature: the plugin's own, else the student's. Looked up on every use: sharding
+        replaces the student's parameter objects after wrap()."""
+        if self.own_logit_scale is not None:
+            return self.own_logit_scale
+        return self.student_spec.logit_scale(self._student) if self._student is not None else None
 
     def _stage2(self, student: nn.Module, inputs: dict[str, Any]):
         out = student(**inputs)
         image, text = self.student_spec.embeddings(out)
-        scale = self.own_logit_scale if self.own_logit_scale is not None else self._student_logit_scale
+        scale = self.logit_scale()
         loss = symmetric_info_nce(image, text, scale, max_scale=self.config.logit_scale_max,
                                   gather=self.config.gather_across_ranks)
         return out, loss, {"contrastive": loss.detach()}
@@ -323,19 +325,26 @@ class DCCLIPPlugin(DistillationPlugin):
                 self._teacher_taps = None
                 object.__setattr__(self, "_teacher", None)
         if int(self.stage) == 2:
-            scale = self.own_logit_scale if self.own_logit_scale is not None else self._student_logit_scale
+            scale = self.logit_scale()
             if scale is not None:
-                with torch.no_grad():  # open_clip's rule: keep exp(logit_scale) within [1, max]
+                # open_clip's rule: keep exp(logit_scale) within [1, max]. Outside a forward the parameter is an
+                # FSDP2 shard (clamped elementwise) or a ZeRO-3 partition (gathered for the clamp).
+                with torch.no_grad(), gathered_parameters([scale], modify=True):
                     scale.clamp_(0.0, math.log(self.config.logit_scale_max))
 
     # ------------------------------------------------------------ export
-    def save_student(self, student: nn.Module, directory: str) -> None:
+    def save_student(self, student: nn.Module, directory: str, state_dict: dict[str, torch.Tensor] | None = None
+                     ) -> None:
+        from vlmdistill.distributed import is_main_process
+
         if self.student_spec is not None and self.student_spec.is_open_clip:
-            config = self.runtime.get("open_clip_config") or getattr(student, "open_clip_model_cfg", None)
-            export.save_open_clip(student, directory, config)
+            if is_main_process():
+                config = self.runtime.get("open_clip_config") or getattr(student, "open_clip_model_cfg", None)
+                export.save_open_clip(student, directory, config, state_dict=state_dict)
             return
-        super().save_student(student, directory)
-        export.save_tokenizer(self.runtime.get("student_tokenizer"), directory)
+        super().save_student(student, directory, state_dict=state_dict)
+        if is_main_process():
+            export.save_tokenizer(self.runtime.get("student_tokenizer"), directory)
 
     @classmethod
     def load_student(cls, student: nn.Module | None, directory: str) -> nn.Module:

@@ -43,12 +43,15 @@ def build_image_text(student, teacher, shards: str, tokenizer: str, image_size: 
                      max_length: int = 32, shuffle_buffer: int = 1000, shardshuffle: int = 4, seed: int = 0,
                      on_error: str = "skip", augment: str = "none", augmentation_seeds: int = 1,
                      mean: Optional[list[float]] = None, std: Optional[list[float]] = None,
-                     image_processor: Optional[str] = None):
+                     image_processor: Optional[str] = None, teacher_image_processor: Optional[str] = None):
     """(dataset, collator, wrap kwargs) over image–text shards, in the student's own input names; the wrap
     kwargs give the plugin the tokenizer (for both towers) and the data fingerprint its cache checks.
 
     Preprocessing is the student's (`image_processor`, else its config); `image_size` / `mean` / `std`
-    override it, and a size the student cannot take is refused here rather than at the first step."""
+    override it, and a size the student cannot take is refused here rather than at the first step. A teacher
+    that preprocesses otherwise (`teacher_image_processor`, else its folder or config) gets `teacher_pixel_values`."""
+    from torch import nn
+
     from vlmdistill.data.image_text import ClipImageTransform, image_transform_for
 
     from .data import ImageTextCollator, ImageTextShards
@@ -64,9 +67,13 @@ def build_image_text(student, teacher, shards: str, tokenizer: str, image_size: 
         transform = ClipImageTransform(transform.image_size, mean or transform.mean, std or transform.std,
                                        augment=augment, resize_mode=transform.resize_mode,
                                        interpolation=transform.interpolation)
+    teacher_transform = None
+    if isinstance(teacher, nn.Module):
+        candidate = image_transform_for(teacher, teacher_image_processor, role="teacher", augment=augment)
+        teacher_transform = candidate if candidate.describe() != transform.describe() else None
     dataset = ImageTextShards(shards, transform, tok, style=style, max_length=max_length,
                               shuffle_buffer=shuffle_buffer, shardshuffle=shardshuffle, seed=seed, on_error=on_error,
-                              augmentation_seeds=augmentation_seeds)
+                              augmentation_seeds=augmentation_seeds, teacher_transform=teacher_transform)
     runtime = {"student_tokenizer": tok, "teacher_tokenizer": tok, "data_fingerprint": dataset.fingerprint()}
     return dataset, ImageTextCollator(tok.pad_token_id, style=style, pad_to=max_length), runtime
 

@@ -85,7 +85,8 @@ class LinguDistillPlugin(DistillationPlugin):
         self._teacher_readable = 0
         self._window: int | None = None
         self._teacher_lm: TeacherLM | None = None
-        self._student_decoder: nn.Module | None = None
+        # Plain attributes: the student's decoder must not be registered (and saved) a second time in the plugin
+        object.__setattr__(self, "_student_decoder", None)
         self._attn_restore: list[tuple[nn.Module, dict]] = []
 
     # ------------------------------------------------------------------ wrap
@@ -131,7 +132,7 @@ class LinguDistillPlugin(DistillationPlugin):
         if cfg.kernel == "triton":
             self._check_triton(s_config, teacher_lm)
         self._teacher_lm = teacher_lm
-        self._student_decoder = decoder
+        object.__setattr__(self, "_student_decoder", decoder)
 
     @staticmethod
     def _check_triton(text_config, teacher_lm: TeacherLM) -> None:
@@ -201,6 +202,14 @@ class LinguDistillPlugin(DistillationPlugin):
         row_weight = 1.0 - cfg.alpha * plan.distilled.to(logits.dtype)
         denom = self.normaliser(int((labels[:, 1:] != -100).sum()), num_items_in_batch)
         hidden = self._teacher_hidden(plan, inputs["input_ids"]) if plan.state is not None else None
+        with self._teacher_lm.head_available():
+            total, ce_sum, kd = self._loss_sums(logits, labels, row_weight, plan, hidden)
+        total, terms = total / denom, {"task": ce_sum / denom, "kd": kd / denom}
+        return DistillationResult(output=s_out, loss=total, loss_terms=terms)
+
+    def _loss_sums(self, logits, labels, row_weight, plan: BatchPlan, hidden):
+        """(weighted total, CE sum, KD sum) of one micro-batch, not yet divided by the item count."""
+        cfg = self.config
         chunk_rows = cfg.chunk_rows or auto_chunk_rows(logits.shape[-1], logits.device)
         if cfg.detach_shared_kv:
             total, ce_sum, kd = task_and_distill_sums(
@@ -215,8 +224,7 @@ class LinguDistillPlugin(DistillationPlugin):
                 kd = kd_sum(logits[b, t], hidden, self._teacher_head, width=self.shared_width, kind=cfg.divergence,
                             temperature=cfg.temperature, jsd_beta=cfg.jsd_beta, chunk_rows=chunk_rows)
                 total = total + cfg.alpha * kd
-        total, terms = total / denom, {"task": ce_sum / denom, "kd": kd / denom}
-        return DistillationResult(output=s_out, loss=total, loss_terms=terms)
+        return total, ce_sum, kd
 
     def plan(self, inputs: dict[str, Any], extras: dict[str, Any]) -> BatchPlan:
         """Distilled samples and positions of one micro-batch, and the teacher's layout (None: no KD here)."""
@@ -298,8 +306,9 @@ class LinguDistillPlugin(DistillationPlugin):
         hidden = self._teacher_hidden(plan, inputs["input_ids"])
         b, t = plan.state.layout.distill_position
         width = self.shared_width
-        return {"student": logits[b, t, :width], "teacher": self._teacher_head(hidden)[:, :width],
-                "rows": torch.stack((b, t), 1)}
+        with self._teacher_lm.head_available():
+            teacher = self._teacher_head(hidden)[:, :width]
+        return {"student": logits[b, t, :width], "teacher": teacher, "rows": torch.stack((b, t), 1)}
 
     @contextlib.contextmanager
     def _base_adapters_off(self):

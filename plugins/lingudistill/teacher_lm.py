@@ -90,3 +90,10 @@ class TeacherLM:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
+
+    def head_available(self):
+        """Context for `logits`: the head runs after the teacher's forward, on chunks of rows, so a sharded
+        head (FSDP2 unit resharded after forward, ZeRO-3 partitions) is gathered for the duration."""
+        from vlmdistill.distributed import unsharded
+
+        return unsharded(self.model, self.head)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmdistill.errors import UnsupportedModelError
-from vlmdistill.hf import base_model, forward_parameters
+from vlmdistill.hf import base_model, forward_parameters, infer_width
 from vlmdistill.hooks import ActivationCapture
 
 _OUTPUT_KEYS = (("image_embeds", "text_embeds"), ("image_features", "text_features"))
@@ -51,6 +51,24 @@ def model_logit_scale(model: nn.Module) -> torch.Tensor | None:
     scale = getattr(base_model(model), "logit_scale", None)
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         return scale
+    return None
+
+
+def embedding_width(model: nn.Module, image_module: str | None = None) -> int | None:
+    """Width of the joint embedding space, from the model's structure (None if it cannot be told)."""
+    inner = base_model(model)
+    if image_module is not None:
+        return infer_width(inner.get_submodule(image_module))
+    config = getattr(inner, "config", None)
+    for attr in ("projection_dim",):
+        if isinstance(getattr(config, attr, None), int):
+            return getattr(config, attr)
+    visual = getattr(inner, "visual", None)  # open_clip
+    if isinstance(getattr(visual, "output_dim", None), int):
+        return visual.output_dim
+    text_config = getattr(config, "text_config", None)  # SigLIP: pooled outputs, no projection
+    if getattr(config, "model_type", None) == "siglip" and isinstance(getattr(text_config, "hidden_size", None), int):
+        return text_config.hidden_size
     return None
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmdistill.distributed import gathered_parameters
 from vlmdistill.errors import UnsupportedModelError
 from vlmdistill.hooks import get_submodule
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
@@ -24,10 +25,10 @@ from vlmdistill.precision import full_precision
 from vlmdistill.teachers import EMATeacher, module_device
 
 from .config import TEMPERATURE_MAX, TEMPERATURE_MIN, MSDConfig
-from .embeddings import EmbeddingReader, model_logit_scale
+from .embeddings import EmbeddingReader, embedding_width, model_logit_scale
 from .loss import momentum_contrastive_rows
 from .queue import KeyQueues
-from .window import AccumulationWindow, world
+from .window import AccumulationWindow
 
 NO_WINDOW_HELP = (
     "Under transformers.Trainer with gradient_accumulation_steps > 1 use vlmdistill.DistillationTrainer (or mix "
@@ -74,6 +75,11 @@ class MSDPlugin(DistillationPlugin):
         if cfg.temperature is None and model_logit_scale(student) is None:
             raise UnsupportedModelError(
                 f"{type(student).__name__} has no logit_scale; set temperature (e.g. 0.07) for a plugin-owned one")
+        width = embedding_width(student, cfg.image_embeds_module)
+        if width is not None and cfg.queue_size:
+            reference = next(student.parameters())  # keys are fp32, or fp64 for a fp64 model
+            dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
+            self.queues.allocate(width, dtype, reference.device)
         # The teacher is copied before attach() so that it carries none of the plugin's hooks.
         ema = EMATeacher(student, buffers=cfg.ema_buffers)
         object.__setattr__(self, "_ema", ema)
@@ -103,27 +109,20 @@ class MSDPlugin(DistillationPlugin):
 
     @torch.no_grad()
     def _clamp_temperature(self) -> None:
+        # Outside a forward: an FSDP2 shard (clamped elementwise as it is) or a ZeRO-3 partition (gathered)
         if self.config.temperature is not None:
-            self.temp.clamp_(TEMPERATURE_MIN, TEMPERATURE_MAX)
+            param, low, high = self.temp, TEMPERATURE_MIN, TEMPERATURE_MAX
         else:
-            model_logit_scale(self._student).clamp_(math.log(1 / TEMPERATURE_MAX), math.log(1 / TEMPERATURE_MIN))
+            param, low, high = model_logit_scale(self._student), math.log(1 / TEMPERATURE_MAX), math.log(1 / TEMPERATURE_MIN)
+        with gathered_parameters([param], modify=True):
+            param.clamp_(low, high)
 
     # --------------------------------------------------------------- teacher
-    def _follow_student_device(self) -> None:
-        # The teacher is not registered, so wrapped.to(device) leaves it behind: follow the student here.
-        device = module_device(self._student)
-        if module_device(self.teacher) != device:
-            self.teacher.to(device)
-
     def _sync_teacher_across_processes(self) -> None:
         # Processes may have built different students before DDP broadcast rank 0's weights; the teachers were
         # copied before that, so take rank 0's teacher once.
-        rank, size = world()
-        if size > 1 and not self._teacher_synced:
-            import torch.distributed as dist
-
-            for tensor in self.teacher.state_dict().values():
-                dist.broadcast(tensor, src=0)
+        if not self._teacher_synced:
+            self._ema.broadcast(src=0)
         self._teacher_synced = True
 
     def _teacher_keys(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +133,7 @@ class MSDPlugin(DistillationPlugin):
         return image, text
 
     def _build_window(self, batches, *, gather: bool, implicit: bool) -> AccumulationWindow:
-        self._follow_student_device()
+        self._ema.follow(self._student)  # wrapped.to(device) does not reach the unregistered teacher
         if gather:
             self._sync_teacher_across_processes()
         window = AccumulationWindow.build(batches, self._teacher_keys, self.config.micro_batch_size, gather=gather,
@@ -214,7 +213,7 @@ class MSDPlugin(DistillationPlugin):
     # -------------------------------------------------------------- per step
     def on_step_end(self) -> None:
         student = self._student
-        self._follow_student_device()
+        self._ema.follow(student)
         self._ema.update(student, self.config.momentum)
         window, self._window = self._window, None
         if window is not None and window.started:
@@ -227,6 +226,9 @@ class MSDPlugin(DistillationPlugin):
         state = {f"teacher.{k}": v for k, v in self._ema.state_dict().items()} if self._ema is not None else {}
         state.update(self.queues.state())
         return state
+
+    def hidden_modules(self) -> dict[str, nn.Module]:
+        return {"teacher.": self._ema.module} if self._ema is not None else {}
 
     def load_hidden_state(self, state: dict[str, torch.Tensor]) -> None:
         teacher = {k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")}

@@ -21,7 +21,9 @@ class KeyQueues:
     def allocated(self) -> bool:
         return self.image.dim() == 2
 
-    def _allocate(self, dim: int, dtype: torch.dtype, device: torch.device) -> None:
+    def allocate(self, dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        """Empty queues of width `dim`. Done at wrap time when the width is known, so that a fresh wrapper's
+        state has the shapes of a saved one (DCP and FSDP checkpoints load in place)."""
         self.image = torch.zeros(dim, self.size, dtype=dtype, device=device)
         self.text = torch.zeros(dim, self.size, dtype=dtype, device=device)
 
@@ -38,8 +40,8 @@ class KeyQueues:
         if self.size == 0:
             return
         if not self.allocated:  # fp32 at least: keys of a bf16 model are not rounded again in the queue
-            self._allocate(image_keys.shape[1], torch.promote_types(image_keys.dtype, torch.float32),
-                           image_keys.device)
+            self.allocate(image_keys.shape[1], torch.promote_types(image_keys.dtype, torch.float32),
+                          image_keys.device)
         if self.image.device != image_keys.device:
             self.image, self.text = self.image.to(image_keys.device), self.text.to(image_keys.device)
         n = image_keys.shape[0]

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
+
+from vlmdistill.distributed import gather_rows, world
 
 
 def batch_size_of(batch: Mapping[str, Any]) -> int:
@@ -55,29 +56,6 @@ def same_batch(inputs: Mapping[str, Any], announced: Mapping[str, Any]) -> bool:
             return False
         compared += 1
     return compared > 0
-
-
-def world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All processes' `[n_r, D]` rows concatenated in rank order, and this process's row offset.
-    Sizes may differ between processes (padded for the collective, trimmed after)."""
-    rank, size = world()
-    if size == 1:
-        return local, 0
-    count = torch.tensor([local.shape[0]], device=local.device)
-    counts = [torch.zeros_like(count) for _ in range(size)]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    padded = local.new_zeros((max(counts),) + tuple(local.shape[1:]))
-    padded[:local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, counts)]), sum(counts[:rank])
 
 
 class AccumulationWindow:

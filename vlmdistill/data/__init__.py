@@ -1,1 +1,2 @@
-"""Local data for demos and experiments: nothing here downloads anything."""
+"""Data pipelines on local files (nothing here downloads anything): chat conversations (`conversations`, `chat`),
+image–text pairs (`image_text`), text blocks (`text`) and the bundled demo data (`digits`)."""
