@@ -3,13 +3,16 @@ split across the ranks; one process with the whole batch is the reference."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from contract_cases import load_case
 
 import vlmdistill
 
-STEPS = 3
 GLOBAL_BATCH = 4
+# as the DDP test: the ranks' gradients are averaged in another order than one process sums them
+RTOL, ATOL = 1e-4, 1e-6
 
 
 def build(plugin: str):
@@ -57,3 +60,26 @@ def train_steps(model, wrapped, case, optimizer, steps, *, rank: int = 0, world:
         vlmdistill.step_end(model)
         losses.append(float(out.loss.detach()))
     return losses
+
+
+@functools.cache
+def reference(plugin: str):
+    """One process, the whole global batch, the same 3 optimizer steps."""
+    case, wrapped = build(plugin)
+    train_steps(wrapped, wrapped, case, optimizer_for(wrapped), range(3))
+    return wrapped, {k: v.detach().clone() for k, v in wrapped.state_dict().items()}, wrapped.pop_logged_terms()
+
+
+def max_abs_diff(got: dict, want: dict) -> float:
+    return max((float((got[k].double() - want[k].double()).abs().max()) for k in want
+                if want[k].is_floating_point() and want[k].numel()), default=0.0)
+
+
+def assert_states_close(got: dict, want: dict, rtol=RTOL, atol=ATOL) -> None:
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        other = got[key]
+        if {tuple(value.shape), tuple(other.shape)} == {(), (1,)}:
+            # a 0-dim parameter (CLIP's logit_scale) is a 1-element shard: DCP's full state dict keeps that shape
+            value, other = value.reshape(1), other.reshape(1)
+        torch.testing.assert_close(other, value, rtol=rtol, atol=atol, msg=key)

@@ -7,7 +7,6 @@ Trainer itself is not run); the single-process references run here."""
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import subprocess
@@ -15,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from sharded_training import build, optimizer_for, train_steps
+from sharded_training import assert_states_close, build, reference
 
 import vlmdistill
 from vlmdistill.io import PLUGIN_STATE_NAME, load_tensors
@@ -23,8 +22,6 @@ from vlmdistill.io import PLUGIN_STATE_NAME, load_tensors
 PLUGINS = vlmdistill.list_plugins()
 PLACEMENTS = ("replicate", "shard", "offload")
 WORKER = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
-# as the DDP test: the ranks' gradients are averaged in another order than one process sums them
-RTOL, ATOL = 1e-4, 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -36,29 +33,6 @@ def runs(tmp_path_factory):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return out
-
-
-@functools.cache
-def reference(plugin: str):
-    """One process, the whole global batch, the same 3 optimizer steps."""
-    case, wrapped = build(plugin)
-    train_steps(wrapped, wrapped, case, optimizer_for(wrapped), range(3))
-    return wrapped, {k: v.detach().clone() for k, v in wrapped.state_dict().items()}, wrapped.pop_logged_terms()
-
-
-def max_abs_diff(got: dict, want: dict) -> float:
-    return max((float((got[k].double() - want[k].double()).abs().max()) for k in want
-                if want[k].is_floating_point() and want[k].numel()), default=0.0)
-
-
-def assert_states_close(got: dict, want: dict, rtol=RTOL, atol=ATOL) -> None:
-    assert sorted(got) == sorted(want)
-    for key, value in want.items():
-        other = got[key]
-        if {tuple(value.shape), tuple(other.shape)} == {(), (1,)}:
-            # a 0-dim parameter (CLIP's logit_scale) is a 1-element shard: DCP's full state dict keeps that shape
-            value, other = value.reshape(1), other.reshape(1)
-        torch.testing.assert_close(other, value, rtol=rtol, atol=atol, msg=key)
 
 
 def load(runs, name):
@@ -110,7 +84,7 @@ def test_save_pretrained_gathers_the_student_and_the_plugin_state(runs, plugin):
     plain = type(wrapped.student).from_pretrained(export)
     plain_state = plain.state_dict()
     for key, value in student_state.items():
-        torch.testing.assert_close(plain_state[key], value.reshape(plain_state[key].shape), rtol=RTOL, atol=ATOL,
+        torch.testing.assert_close(plain_state[key], value.reshape(plain_state[key].shape), rtol=1e-4, atol=1e-6,
                                    msg=key)
     assert_states_close(load_tensors(str(export / PLUGIN_STATE_NAME)), plugin_state)
     # and the folder resumes in one process

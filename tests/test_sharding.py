@@ -62,3 +62,40 @@ def test_plugin_state_holds_no_student_weights(plugin):
     shared = [k for k, v in plugin_state.items() if v.numel() and v.untyped_storage().data_ptr() in student_storage]
     assert not shared, f"plugin state re-saves student tensors: {shared[:5]}"
     assert not [k for k in plugin_state if k.startswith("_")], "plugin state holds private submodules"
+
+
+@pytest.mark.parametrize("name,kind", [("fsdp2-1x8.yaml", "FSDP"), ("zero3-1x8.yaml", "DEEPSPEED")])
+def test_accelerate_configs_for_one_node_of_eight_gpus_load(name, kind):
+    import os
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "accelerate", name)
+    config = load_config_from_file(path)
+    assert config.distributed_type.name == kind and config.num_processes == 8
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    else:
+        assert config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_save_16bit_model"]
+
+
+def test_recipe_distributed_block_becomes_trainer_arguments():
+    from vlmdistill.errors import ConfigError
+    from vlmdistill.recipes import DistributedSpec, Recipe
+
+    fsdp = DistributedSpec.from_dict({"strategy": "fsdp2", "teacher": "shard", "state_dict_type": "FULL_STATE_DICT"})
+    args = fsdp.training_arguments()
+    assert args["fsdp"] is True and args["fsdp_config"]["version"] == 2
+    assert args["fsdp_config"]["state_dict_type"] == "FULL_STATE_DICT"
+    zero3 = DistributedSpec.from_dict({"strategy": "zero3", "cpu_offload": True,
+                                       "deepspeed": {"zero_optimization": {"overlap_comm": True}}})
+    config = zero3.training_arguments()["deepspeed"]
+    assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["overlap_comm"]
+    assert config["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    with pytest.raises(ConfigError, match="strategy"):
+        DistributedSpec.from_dict({"strategy": "fsdp1"})
+    base = {"plugin": "kd", "student": {"builder": "from-config"}, "data": {"builder": "text-blocks"}}
+    with pytest.raises(ConfigError, match="both configure sharding"):
+        Recipe.from_dict({**base, "training": {"deepspeed": "ds.json"}, "distributed": {"strategy": "zero3"}})

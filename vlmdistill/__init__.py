@@ -25,6 +25,7 @@ _EXPORTS = {
     "DistillationModel": "model",
     "DistillationPlugin": "plugin", "DistillationResult": "plugin",
     "get_plugin": "registry", "list_plugins": "registry", "register_plugin": "registry",
+    "EMATeacher": "teachers",
 }
 
 __all__ = list(_EXPORTS)

@@ -93,6 +93,12 @@ def gathered_parameters(params: Iterable[torch.Tensor], *, modify: bool = False)
     """Inside: ZeRO-3 partitioned parameters hold their full value (`modify=True`: changes made on rank 0 are
     partitioned back to every rank). A no-op for other parameters."""
     zero3 = [p for p in params if is_zero3(p)]
+    if zero3:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        # Whole already (persistent small tensors, or inside their module's forward): gathering would release them
+        # on exit behind ZeRO-3's back. In-place changes to them happen alike on every rank.
+        zero3 = [p for p in zero3 if p.ds_status != ZeroParamStatus.AVAILABLE]
     if not zero3:
         yield
         return

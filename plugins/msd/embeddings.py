@@ -49,7 +49,8 @@ def normalised(x: torch.Tensor) -> torch.Tensor:
 def model_logit_scale(model: nn.Module) -> torch.Tensor | None:
     """The model's learnable log inverse temperature (CLIP, SigLIP, open_clip, VisionTextDualEncoder)."""
     scale = getattr(base_model(model), "logit_scale", None)
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+    # (a ZeRO-3 partitioned parameter has numel() 0 outside a gather: its size is ds_numel)
+    if isinstance(scale, torch.Tensor) and getattr(scale, "ds_numel", scale.numel()) == 1:
         return scale
     return None
 
