@@ -38,6 +38,8 @@ class DistillationCallback(TrainerCallback):
 
             raise ConfigError("on_nonfinite='skip' cannot drop a step under DeepSpeed (its engine owns the optimizer "
                               "step); use on_nonfinite='raise'")
+        if state.max_steps and state.max_steps > 0:
+            wrapper.plugin.on_train_begin(int(state.max_steps))
         return control
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -68,11 +70,22 @@ class DistillationCallback(TrainerCallback):
 class DistillationTrainerMixin:
     """Mix into a `transformers.Trainer` subclass: `class MyTrainer(DistillationTrainerMixin, Trainer)`."""
 
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        wrapper = _find_wrapper(self.model)
+        if wrapper is not None and wrapper.plugin.window_on_host and getattr(loader, "device", None) is not None:
+            # accelerate's loader would move every micro-batch of the window to the device when the Trainer
+            # prefetches it; left on the host, each moves in `training_step` (`_prepare_inputs`) and is freed after
+            # its backward, so the device holds one micro-batch at a time.
+            loader.device = None
+        return loader
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         wrapper = _find_wrapper(self.model)
         if wrapper is not None and batch_samples:
-            wrapper.plugin.on_accumulation_window([self._prepare_inputs(b) for b in batch_samples])
+            windows = batch_samples if wrapper.plugin.window_on_host else [self._prepare_inputs(b) for b in batch_samples]
+            wrapper.plugin.on_accumulation_window(windows)
         return batch_samples, num_items_in_batch
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import __version__
 from .errors import ConfigError, DataError, NonFiniteLossError
+from .frozen import drop_frozen_gradients
 from .hooks import HookManager
 from .distributed import full_state_dict, is_dtensor, is_main_process, is_sharded, world_size
 from .io import PLUGIN_CONFIG_NAME, PLUGIN_STATE_NAME, find_aliases, save_tensors, write_json
@@ -90,6 +91,7 @@ class DistillationModel(nn.Module):
         self._nonfinite_seen = False      # a non-finite loss in the current optimizer step (skip mode)
         self._skip_decided: bool | None = None
         self._hooks = HookManager()
+        self._frozen_hook = drop_frozen_gradients(self)
         # FSDP2 refuses 0-dim parameters: the student's (wrap() held them already) and the plugin's
         self._scalars = (scalars or ScalarParameters()).hold(plugin)
         self._student_params = inspect.signature(self.forward).parameters
@@ -192,6 +194,7 @@ class DistillationModel(nn.Module):
         decided = self._skip_decided if self._skip_decided is not None else self._nonfinite_seen
         self._nonfinite_seen, self._skip_decided = False, None
         if skipped or decided:
+            self.plugin.on_step_skipped()
             return
         with torch.no_grad():
             self.plugin.global_step += 1
@@ -237,6 +240,7 @@ class DistillationModel(nn.Module):
         if self._detached:
             return self.student
         self._hooks.remove_all()
+        self._frozen_hook.remove()
         self.plugin.detach(self.student)
         self._scalars.release()
         self._detached = True
