@@ -15,8 +15,8 @@ from vlmdistill.plugins.ccd.rendering import render_words, to_pixel_values
 
 TINY = dict(embed_dim=32, depth=3, num_heads=2, drop_path_rate=0.0)
 CONFIG = dict(seg_blocks=[1, 2, 3], seg_hidden_channels=16, seg_map_channels=8, seg_groups=4, out_dim=64,
-              head_hidden_dim=32, bottleneck_dim=16, freeze_last_layer_steps=0, teacher_momentum=0.9,
-              momentum_total_steps=10)
+              head_hidden_dim=32, bottleneck_dim=16, freeze_last_layer_fraction=0.0, teacher_momentum=0.9,
+              total_steps=10)
 WORDS = ["model", "token", "vision", "scene", "glyph", "text", "paired", "slot"]
 
 
@@ -88,19 +88,69 @@ def test_loss_decreases_on_a_fixed_batch():
     assert np.mean(dis[-3:]) < dis[0]
 
 
-def test_prototypes_frozen_for_the_first_steps():
-    w = wrapped_tiny(freeze_last_layer_steps=1)
+def test_frozen_prototypes_get_no_optimizer_update_and_a_fresh_adam_after():
+    """During the freeze the prototypes get gradients (DDP and accumulation see every parameter) but no optimizer
+    update: AdamW keeps no state for them, applies no weight decay; the first update after the freeze is a fresh
+    Adam's on the same gradient."""
+    w = wrapped_tiny(freeze_last_layer_fraction=0.2)   # steps 0 and 1 of 10
     w.train()
-    w(**batch()).loss.backward()
-    assert w.plugin.student_head.last_direction.grad.abs().sum() == 0
-    w.zero_grad()
-    w.step_end()
-    w(**batch()).loss.backward()
-    assert w.plugin.student_head.last_direction.grad.abs().sum() > 0
+    head = w.plugin.student_head
+    start = head.last_direction.detach().clone()
+    opt = torch.optim.AdamW([p for p in w.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for step in range(2):
+        w(**batch(seed=step)).loss.backward()
+        assert head.last_direction.grad.abs().sum() > 0      # computed and, under DDP, reduced
+        opt.step()
+        opt.zero_grad()
+        w.step_end()
+        assert head.last_direction not in opt.state and head.last_gain not in opt.state
+        assert torch.equal(head.last_direction.detach(), start)
+    assert opt.state[head.mlp[0].weight]["step"] == 2        # the rest trains
+    w(**batch(seed=2)).loss.backward()
+    grad, before = head.last_direction.grad.clone(), head.last_direction.detach().clone()
+    opt.step()
+    assert opt.state[head.last_direction]["step"] == 1
+    fresh = torch.nn.Parameter(before.clone())
+    fresh.grad = grad
+    reference = torch.optim.AdamW([fresh], lr=1e-2, weight_decay=0.1)
+    reference.step()
+    torch.testing.assert_close(head.last_direction.detach(), fresh.detach(), rtol=0, atol=0)
+
+
+def test_prototype_freeze_under_the_trainer_uses_its_max_steps(tmp_path):
+    from trainer_data import ExampleList
+    from transformers import Trainer, TrainingArguments
+
+    w = wrapped_tiny(freeze_last_layer_fraction=0.5, total_steps=None)
+    start = w.plugin.student_head.last_direction.detach().clone()
+    seen = []
+
+    class Watch(vlmdistill.DistillationCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(torch.equal(w.plugin.student_head.last_direction.detach(), start))
+            return super().on_step_end(args, state, control, **kwargs)
+
+    examples = [{k: v[i] for k, v in batch(8, seed=1).items()} for i in range(8)]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
+                             weight_decay=0.1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=w, args=args, train_dataset=ExampleList(examples),
+                      data_collator=lambda items: {k: torch.stack([it[k] for it in items]) for k in items[0]},
+                      callbacks=[Watch()])
+    trainer.train()
+    assert w.plugin.total_steps() == 4
+    assert seen == [True, True, False, False]   # frozen for half of max_steps, then trained
+    assert trainer.optimizer.state[w.plugin.student_head.last_direction]["step"] == 2
+
+
+def test_a_hand_written_loop_without_the_run_length_is_told_to_set_it():
+    w = wrapped_tiny(total_steps=None)
+    w.train()
+    with pytest.raises(RuntimeError, match="total_steps"):
+        w(**batch())
 
 
 def test_masks_switch_from_pseudo_to_predicted():
-    w = wrapped_tiny(pseudo_mask_steps=1)
+    w = wrapped_tiny(pseudo_mask_fraction=0.1)
     with torch.no_grad():  # a segmentation head that calls everything background
         w.plugin.seg_head.classify.bias.copy_(torch.tensor([50.0, -50.0]))
     w.train()

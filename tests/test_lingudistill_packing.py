@@ -151,3 +151,22 @@ def test_fused_kernel_on_rows_of_different_lengths_gives_the_torch_path():
     fused = _paired(student, teacher, batch, kernel="triton")
     assert torch.equal(torch_path["rows"], fused["rows"])
     torch.testing.assert_close(fused["teacher"], torch_path["teacher"], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_kernel_under_autocast_gives_the_torch_path():
+    """Under bf16 autocast RoPE leaves the teacher's q and k in fp32 and v in bf16: the kernel runs them in one
+    dtype (the autocast one, as SDPA would) and agrees with the masked-SDPA path."""
+    from vlmdistill.plugins.lingudistill.two_source import fused_kernel
+
+    if fused_kernel() is None:
+        pytest.skip("vlmdistill.kernels is not installed")
+    student = smolvlm_student(PRESET, seed=1).eval()
+    teacher = independent_teacher(student)
+    batch = make_batch(PRESET)
+    got = {}
+    for kernel in ("torch", "triton"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got[kernel] = _paired(student, teacher, batch, kernel=kernel)
+    assert got["triton"]["teacher"].dtype == torch.bfloat16
+    torch.testing.assert_close(got["triton"]["teacher"].float(), got["torch"]["teacher"].float(), rtol=0.05,
+                               atol=0.05)

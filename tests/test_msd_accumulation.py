@@ -76,13 +76,13 @@ def test_msd_step_with_micro_batches_equals_one_big_step():
         torch.testing.assert_close(runs[2][1][key], runs[6][1][key], rtol=1e-9, atol=1e-12, msg=key)
 
 
-def _trainer(wrapped, tmp_path, cls=vlmdistill.DistillationTrainer, callbacks=(), **overrides):
+def _trainer(wrapped, tmp_path, cls=vlmdistill.DistillationTrainer, callbacks=(), data=None, **overrides):
     args = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3,
                 learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
                 train_sampling_strategy="sequential", report_to=[], use_cpu=True, save_strategy="no",
                 disable_tqdm=True, logging_steps=1, seed=0)
     args.update(overrides)
-    return cls(model=wrapped, args=TrainingArguments(**args), train_dataset=ExampleList(examples(16, 3)),
+    return cls(model=wrapped, args=TrainingArguments(**args), train_dataset=ExampleList(data or examples(16, 3)),
                data_collator=collate, callbacks=list(callbacks))
 
 
@@ -105,6 +105,13 @@ def test_trainer_accumulation_equals_the_big_batch(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
     torch.testing.assert_close(torch.tensor(states[(2, 2), "loss"]), torch.tensor(states[(4, 1), "loss"]),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_distillation_trainer_keeps_the_window_on_the_host(tmp_path):
+    """accelerate's loader would move every micro-batch of the window to the device when the Trainer prefetches
+    it; for msd the window stays on the host and each micro-batch moves in its own training_step."""
+    wrapped = vlmdistill.wrap(tiny_clip(), plugin="msd", **CONFIG)
+    assert _trainer(wrapped, tmp_path).get_train_dataloader().device is None
 
 
 def test_plain_trainer_with_accumulation_is_refused(tmp_path):

@@ -170,3 +170,70 @@ def test_temperature_is_clamped_after_each_step():
     assert float(own.student.logit_scale.detach()) == pytest.approx(torch.log(torch.tensor(1000.0)).item())
     frozen = _wrapped(temperature=0.1, learnable_temperature=False)
     assert not frozen.plugin.temp.requires_grad
+
+
+def test_the_window_keeps_no_inputs_only_keys_and_signatures():
+    import gc
+    import weakref
+
+    wrapped = _wrapped()
+    batch = _double_batch(6, seed=1)
+    micro = [{k: v[i:i + 2].clone() for k, v in batch.items()} for i in (0, 2, 4)]
+    refs = [weakref.ref(m["pixel_values"]) for m in micro]
+    wrapped.plugin.on_accumulation_window(micro)
+    window = wrapped.plugin._window
+    del micro
+    gc.collect()
+    assert all(r() is None for r in refs)   # nothing of the micro-batches is held for the step
+    assert window.image_keys.shape == (6, 16) and window.total == 6
+
+
+def _snapshot(plugin):
+    return {k: v.clone() for k, v in plugin.hidden_state().items()}
+
+
+def test_a_skipped_step_moves_no_ema_enqueues_nothing_and_the_next_step_runs():
+    wrapped = _wrapped()
+    plugin = wrapped.plugin
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.5)
+    msd_step(wrapped, optimizer, _double_batch(4, seed=0), 2)
+    before = _snapshot(plugin)
+    # A lone forward (GA = 1, a plain loop), then an optimizer step the mixed-precision scaler skipped
+    wrapped(**_double_batch(4, seed=1)).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    wrapped.step_end(skipped=True)
+    after = _snapshot(plugin)
+    assert int(plugin.global_step) == 1
+    for key in before:
+        assert torch.equal(before[key], after[key]), key   # EMA teacher, queues, pointer, fill count
+    wrapped(**_double_batch(4, seed=2)).loss.backward()   # a new window of its own, not "a second micro-batch"
+    wrapped.step_end()
+    assert int(plugin.global_step) == 2 and int(plugin.queues.filled) == 8
+
+
+def test_trainer_skipped_step_keeps_nan_keys_out_of_queue_and_teacher(tmp_path):
+    """Under the Trainer with on_nonfinite='skip', a window whose loss is NaN (a NaN image in its second
+    micro-batch) takes no step: the EMA teacher does not move and its (NaN) keys never enter the queue."""
+    from test_msd_accumulation import _trainer
+
+    torch.manual_seed(0)
+    wrapped = vlmdistill.wrap(tiny_clip(), plugin="msd", on_nonfinite="skip", **CONFIG)
+    states = []
+
+    class Record(vlmdistill.DistillationCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            out = super().on_step_end(args, state, control, **kwargs)
+            states.append(_snapshot(wrapped.plugin))
+            return out
+
+    data = examples(16, 3)
+    data[6]["pixel_values"] = torch.full_like(data[6]["pixel_values"], float("nan"))   # step 2, micro-batch 2
+    trainer = _trainer(wrapped, tmp_path, callbacks=[Record()], max_steps=3, data=data)
+    with pytest.warns(RuntimeWarning, match="skipping this optimizer step"):
+        trainer.train()
+    assert int(wrapped.plugin.global_step) == 2
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key    # step 2 skipped: nothing moved
+    assert int(wrapped.plugin.queues.filled) == 8 and torch.isfinite(wrapped.plugin.queues.image).all()
+    assert all(torch.isfinite(p).all() for p in wrapped.plugin.teacher.parameters())

@@ -30,8 +30,8 @@ def _msd(tmp_path):
 
 
 def _ccd(tmp_path):
-    return ["data.kwargs.images=48", "training.per_device_train_batch_size=4", "config.momentum_total_steps=4",
-            "config.freeze_last_layer_steps=1", "config.pseudo_mask_steps=3"]
+    return ["data.kwargs.images=48", "training.per_device_train_batch_size=4",
+            "config.freeze_last_layer_fraction=0.25", "config.pseudo_mask_fraction=0.75"]
 
 
 def _dcclip(tmp_path):

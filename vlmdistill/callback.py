@@ -46,6 +46,8 @@ class DistillationCallback(TrainerCallback):
                           f"{list(boundaries)}), but a plain Trainer runs one optimizer state and one learning-rate "
                           "schedule across them; vlmdistill.DistillationTrainer (or DistillationTrainerMixin) starts "
                           "each stage with a fresh optimizer state and its own warm-up", RuntimeWarning, stacklevel=2)
+        if state.max_steps and state.max_steps > 0:
+            wrapper.plugin.on_train_begin(int(state.max_steps))
         return control
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -65,7 +67,8 @@ class DistillationCallback(TrainerCallback):
         wrapper = _find_wrapper(model)
         if wrapper is None or logs is None or "loss" not in logs:
             return control
-        terms = wrapper.pop_logged_terms()
+        # reduced over ranks like the Trainer's own loss: num_items_in_batch counts all ranks unless told otherwise
+        terms = wrapper.pop_logged_terms(count_is_global=getattr(args, "average_tokens_across_devices", True))
         logs.update(terms)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(terms)
@@ -121,17 +124,29 @@ class DistillationTrainerMixin:
             self._created_lr_scheduler = True
         return super().create_scheduler(num_training_steps, optimizer)
 
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        wrapper = _find_wrapper(self.model)
+        if wrapper is not None and wrapper.plugin.window_on_host and getattr(loader, "device", None) is not None:
+            # accelerate's loader would move every micro-batch of the window to the device when the Trainer
+            # prefetches it; left on the host, each moves in `training_step` (`_prepare_inputs`) and is freed after
+            # its backward, so the device holds one micro-batch at a time.
+            loader.device = None
+        return loader
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         wrapper = _find_wrapper(self.model)
         if wrapper is not None and batch_samples:
-            wrapper.plugin.on_accumulation_window([self._prepare_inputs(b) for b in batch_samples])
+            windows = batch_samples if wrapper.plugin.window_on_host else [self._prepare_inputs(b) for b in batch_samples]
+            wrapper.plugin.on_accumulation_window(windows)
         return batch_samples, num_items_in_batch
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         wrapper = _find_wrapper(self.model)
         if wrapper is not None and "loss" in logs:
-            logs.update(wrapper.pop_logged_terms())
+            logs.update(wrapper.pop_logged_terms(
+                count_is_global=getattr(self.args, "average_tokens_across_devices", True)))
         super().log(logs, *args, **kwargs)
 
 

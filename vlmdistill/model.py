@@ -8,17 +8,19 @@ HF Trainer keeps the right batch columns and finds the labels.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from . import __version__
 from .errors import ConfigError, DataError, NonFiniteLossError
+from .frozen import drop_frozen_gradients
 from .hooks import HookManager
 from .distributed import full_state_dict, is_dtensor, is_main_process, is_sharded, world_size
 from .io import PLUGIN_CONFIG_NAME, PLUGIN_STATE_NAME, find_aliases, save_tensors, write_json
@@ -89,6 +91,7 @@ class DistillationModel(nn.Module):
         self._nonfinite_seen = False      # a non-finite loss in the current optimizer step (skip mode)
         self._skip_decided: bool | None = None
         self._hooks = HookManager()
+        self._frozen_hook = drop_frozen_gradients(self)
         # FSDP2 refuses 0-dim parameters: the student's (wrap() held them already) and the plugin's
         self._scalars = (scalars or ScalarParameters()).hold(plugin)
         self._student_params = inspect.signature(self.forward).parameters
@@ -197,6 +200,7 @@ class DistillationModel(nn.Module):
         self._nonfinite_seen, self._skip_decided = False, None
         self.stage_ended = False
         if skipped or decided:
+            self.plugin.on_step_skipped()
             return False
         with torch.no_grad():
             self.plugin.global_step += 1
@@ -244,6 +248,7 @@ class DistillationModel(nn.Module):
         if self._detached:
             return self.student
         self._hooks.remove_all()
+        self._frozen_hook.remove()
         self.plugin.detach(self.student)
         self._scalars.release()
         self._detached = True
@@ -377,10 +382,26 @@ def _any_process(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
+_WITH_LOSS: dict[type, type] = {}
+
+
+def _with_loss_field(cls: type) -> type:
+    """`cls` (a transformers ModelOutput dataclass) with an optional `loss` field added."""
+    if cls not in _WITH_LOSS:
+        _WITH_LOSS[cls] = dataclasses.make_dataclass(
+            f"{cls.__name__}WithLoss", [("loss", Optional[torch.Tensor], dataclasses.field(default=None))],
+            bases=(cls,), namespace={"__module__": __name__})
+    return _WITH_LOSS[cls]
+
+
 def _attach_loss(output: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> Any:
     from transformers.utils import ModelOutput
 
     if isinstance(output, ModelOutput):
+        if "loss" not in {f.name for f in dataclasses.fields(output)}:
+            # e.g. a ViT's BaseModelOutputWithPooling: the same output with a `loss` field (DDP rebuilds outputs
+            # from their fields when it looks for unused parameters)
+            output = _with_loss_field(type(output))(**dict(output.items()))
         output["loss"] = loss  # item *and* attribute, also when the student computed none
         output.loss_terms = terms
         return output

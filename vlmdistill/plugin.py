@@ -102,6 +102,9 @@ class DistillationPlugin(nn.Module):
     demo: ClassVar[str | None] = None
     #: extra `vlmdistill` sub-commands: {"name": "module:function"} (function takes an argv list)
     commands: ClassVar[dict[str, str]] = {}
+    #: under `DistillationTrainerMixin`, keep an accumulation window's micro-batches on the host (each moves to the
+    #: device for its own forward), for plugins that see the whole window first (`on_accumulation_window`)
+    window_on_host: ClassVar[bool] = False
 
     def __init__(self, config: PluginConfig, *, teacher: Any = None, **runtime: Any) -> None:
         super().__init__()
@@ -195,6 +198,20 @@ class DistillationPlugin(nn.Module):
         learning-rate schedule, warm-up included (`vlmdistill.stages`; `DistillationTrainer` applies it). A
         function of the config only, so a resumed run finds the same boundaries. Default: one stage."""
         return ()
+
+    def on_step_skipped(self) -> None:
+        """The optimizer did not take this step (mixed-precision overflow, or a non-finite loss under
+        `on_nonfinite='skip'`): drop what the step's forwards prepared (windows, pending sums). No EMA, no schedule."""
+
+    def on_train_begin(self, max_steps: int) -> None:
+        """The run's length in optimizer steps, when the loop knows it (`DistillationCallback` passes the Trainer's
+        `max_steps`), for schedules given as fractions of training."""
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """Parameters that must get no optimizer update in the coming step (e.g. a DINO head's prototypes early in
+        training). Their gradients are still computed and reduced; the wrapper sets `.grad = None` right before
+        any optimizer step (`vlmdistill.frozen`), so AdamW neither decays them nor moves their moments."""
+        return []
 
     def on_accumulation_window(self, batches: list[dict[str, Any]]) -> None:
         """Called by `DistillationTrainerMixin` with all micro-batches of the coming optimizer step,

@@ -1,32 +1,89 @@
-"""Cost of `wrap(..., plugin="kd")`: a training step against the plain student step, same batch, with a
-teacher the same size as the student. Both are timed in this process, interleaved, so machine noise
-hits them alike; the ratio is what to read.
+"""Cost of `wrap(..., plugin="kd")`: a training step against the plain student step, same batch, ratios measured
+in this process (arms interleaved, rotating order, ratio per repetition; median and range), printed beside the
+floor computed from the shapes (1 + the teacher's forward FLOPs / the student's forward + backward FLOPs).
 
-    python -m vlmdistill.eval.bench.bench_kd [--device cpu|cuda] [--steps 20]
+    python -m vlmdistill.eval.bench.bench_kd [--preset smolvlm-256m] [--autocast bfloat16] [--steps 10]
 
-Memory: the bytes autograd keeps for backward are counted exactly (saved-tensor hooks), so "no
-retained teacher activations" is checked, not assumed; on CUDA the peak allocation is printed too.
-Target: step ratio ≤ 1.4 (the floor is ~1.33: one extra no-grad forward on top of forward+backward).
+Models: the default is a Llama student and a teacher of the same size (text only); `--preset NAME` a real-size
+SmolVLM-class VLM teacher (`presets.py`) and a student with half its decoder layers, on the preset's batch
+(images included: the teacher sees them too).
+
+Memory: the bytes autograd keeps for backward are counted exactly (saved-tensor hooks), so "no retained teacher
+activations" is checked, not assumed; peak resident memory per arm in one subprocess each on the CPU,
+`max_memory_allocated` on CUDA. Expected overhead: the teacher's weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
-import statistics
-import time
+import os
+import sys
+from typing import Any
 
 import torch
 
+from . import floor as flops
+from .steps import (Arm, autocast, compile_layers, cuda_peak_lines, cuda_step_peak, measure_rss, ratio_text,
+                    rss_in_subprocess, time_interleaved, weight_bytes)
 
-def _llama(seed: int, args):
+MODULE = "vlmdistill.eval.bench.bench_kd"
+
+
+@dataclasses.dataclass
+class Setup:
+    student: Any
+    teacher: Any
+    batch: dict
+    images: int
+    describe: str
+
+
+def _llama(seed: int, args, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 128,
-        max_position_embeddings=args.seq, tie_word_embeddings=False)).to(args.device)
+        max_position_embeddings=args.seq, tie_word_embeddings=False)).to(device)
+
+
+def build(args, device, with_teacher: bool = True) -> Setup:
+    if args.preset:
+        from .presets import get_preset, make_batch, smolvlm_student
+
+        p = get_preset(args.preset)
+        student = smolvlm_student(p, layers=max(1, p.layers // 2), seed=0, device=device)
+        teacher = smolvlm_student(p, seed=1, device=device) if with_teacher else None
+        return Setup(student, teacher, make_batch(p, device=device), sum(p.images_per_row),
+                     f"preset {p.name}: SmolVLM-class teacher {p.layers} layers x {p.hidden}, student "
+                     f"{max(1, p.layers // 2)} layers; vocab {p.vocab}; batch {p.batch} x {p.seq} tokens, "
+                     f"{'/'.join(map(str, p.images_per_row))} images, {p.supervised} supervised per row")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    return Setup(_llama(0, args, device), _llama(1, args, device) if with_teacher else None, batch, 0,
+                 f"Llama student and teacher, {args.layers} layers x {args.hidden}, vocab {args.vocab}; batch "
+                 f"{args.batch} x {args.seq}")
+
+
+def step_floor(setup: Setup) -> dict:
+    """1 + the teacher's forward (its LM head only at the distilled rows) / the student's forward + backward."""
+    rows = int(flops.supervised_rows(setup.batch["labels"]).sum())
+    b, t = setup.batch["input_ids"].shape
+    pairs = flops.causal_pairs([t] * b)
+    if setup.images:
+        student = flops.vlm_student(setup.student, setup.batch, images=setup.images)
+        teacher = flops.vision_tower(setup.teacher.config, setup.images) + flops.decoder(
+            setup.teacher.config.get_text_config(), tokens=b * t, pairs=pairs, head_rows=rows)
+    else:
+        student = flops.lm_student(setup.student.config, setup.batch)
+        teacher = flops.decoder(setup.teacher.config, tokens=b * t, pairs=pairs, head_rows=rows)
+    return {"floor": flops.step_floor(teacher, student), "student_training_flops": student.training,
+            "teacher_forward_flops": teacher.forward}
 
 
 class SavedBytes:
@@ -45,98 +102,155 @@ class SavedBytes:
         return sum(self.storages.values())
 
 
-def _step(model, batch, optimizer, counter: SavedBytes | None = None):
-    if counter is not None:
-        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-            loss = model(**batch).loss
-    else:
-        loss = model(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def run(args) -> dict:
+def make_arms(setup: Setup, args, device) -> dict:
+    """The plain student's step and the same student's step wrapped by kd (wrapped and unwrapped around it,
+    outside the timed region), sharing one optimizer. Each takes an optional `SavedBytes` counter."""
     import vlmdistill
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    optimizer = torch.optim.AdamW(setup.student.parameters(), lr=1e-4)
+    holder: dict = {}
 
-    plain = _llama(0, args)
-    distilled = vlmdistill.wrap(_llama(0, args), plugin="kd", teacher=_llama(1, args), alpha=0.5, temperature=2.0)
-    opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-4)
-    opt_kd = torch.optim.AdamW([p for p in distilled.parameters() if p.requires_grad], lr=1e-4)
+    def run(counter: SavedBytes | None = None):
+        model = holder.get("model", setup.student)
+        hooks = (torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t) if counter is not None
+                 else contextlib.nullcontext())
+        with autocast(device, args.autocast), hooks:
+            loss = model(**setup.batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
+    def enter():
+        holder["model"] = vlmdistill.wrap(setup.student, plugin="kd", teacher=setup.teacher, alpha=0.5,
+                                          temperature=2.0)
+
+    return {"plain": Arm(run), "kd": Arm(run, enter=enter, exit=lambda: vlmdistill.unwrap(holder.pop("model")))}
+
+
+def compiled_arms(setup: Setup, args, device) -> dict:
+    """`--compile`: a copy of the student as the plain arm and the student wrapped once (no wrap per step), each
+    with its decoder / encoder layers compiled, and the teacher's too."""
+    import copy
+
+    import vlmdistill
+
+    plain = copy.deepcopy(setup.student)
+    wrapped = vlmdistill.wrap(setup.student, plugin="kd", teacher=setup.teacher, alpha=0.5, temperature=2.0)
+    for model in (plain, setup.student, setup.teacher):
+        compile_layers(model, backend=args.compile_backend)
+
+    def arm(model, params):
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+        def run(counter: SavedBytes | None = None):
+            hooks = (torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t) if counter is not None
+                     else contextlib.nullcontext())
+            with autocast(device, args.autocast), hooks:
+                loss = model(**setup.batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return Arm(run)
+
+    return {"plain (compiled)": arm(plain, plain.parameters()),
+            "kd (compiled)": arm(wrapped, setup.student.parameters())}
+
+
+def run(args, device) -> dict:
+    setup = build(args, device)
+    steps = compiled_arms(setup, args, device) if args.compile else make_arms(setup, args, device)
+    plain_name, kd_name = list(steps)
     saved = {}
-    for name, model, opt in (("plain", plain, opt_plain), ("kd", distilled, opt_kd)):
+    for name, arm in steps.items():
         counter = SavedBytes()
-        _step(model, batch, opt, counter)  # also the warm-up
+        Arm(lambda: arm.run(counter), arm.enter, arm.exit)()  # also a warm-up
         saved[name] = counter.total
-    for _ in range(2):
-        _step(plain, batch, opt_plain)
-        _step(distilled, batch, opt_kd)
 
-    times = {"plain": [], "kd": []}
-    for _ in range(args.steps):
-        for name, model, opt in (("plain", plain, opt_plain), ("kd", distilled, opt_kd)):
-            _sync(args.device)
-            t0 = time.perf_counter()
-            _step(model, batch, opt)
-            _sync(args.device)
-            times[name].append(time.perf_counter() - t0)
+    def progress(rep, this):
+        print(f"  repetition {rep}: " + ", ".join(f"{n} {w:.2f} s" for n, (w, _) in this.items()), flush=True)
 
-    peak = {}
-    if args.device.startswith("cuda"):
-        for name, model, opt in (("plain", plain, opt_plain), ("kd", distilled, opt_kd)):
-            torch.cuda.reset_peak_memory_stats()
-            _step(model, batch, opt)
-            peak[name] = torch.cuda.max_memory_allocated()
-
-    med = {k: statistics.median(v) for k, v in times.items()}
-    teacher_bytes = sum(p.numel() * p.element_size() for p in distilled.teacher.parameters())
-    logits_bytes = args.batch * (args.seq - 1) * args.vocab * 4
-    result = {
-        "device": args.device, "shape": vars(args),
-        "median_step_s": med, "ratio_kd_over_plain": med["kd"] / med["plain"],
-        "saved_for_backward_bytes": saved, "extra_saved_bytes": saved["kd"] - saved["plain"],
-        "student_logit_rows_fp32_bytes": logits_bytes, "teacher_weight_bytes": teacher_bytes,
-        "cuda_peak_bytes": peak,
-    }
+    timing = time_interleaved(steps, steps=args.steps, warmup=args.warmup, device=device, baseline=plain_name,
+                              on_step=progress)
+    result = {"setup": setup.describe, "timing": timing, "floor": step_floor(setup), "arms": [plain_name, kd_name],
+              "saved_for_backward_bytes": saved, "extra_saved_bytes": saved[kd_name] - saved[plain_name],
+              "teacher_weight_bytes": weight_bytes(setup.teacher)}
+    if device.type == "cuda":
+        result["cuda_step_peak_bytes"] = {name: cuda_step_peak(step) for name, step in steps.items()}
     return result
 
 
-def main(argv=None) -> int:
+def memory_arm(args, arm: str) -> dict:
+    device = torch.device("cpu")
+    setup = build(args, device, with_teacher=arm != "plain")
+    return measure_rss(make_arms(setup, args, device)[arm])
+
+
+def report(r: dict, args) -> str:
+    mb = 1 / 2 ** 20
+    timing, fl = r["timing"], r["floor"]
+    plain, kd = r["arms"]
+    ratio = timing["ratio"][kd]
+    amp = f", {args.autocast} autocast" if args.autocast else ""
+    lines = [f"{r['setup']}; fp32 weights{amp}; {r['device']}; interleaved, {args.steps} repetitions after "
+             f"{args.warmup} warm-up",
+             f"median step: {plain} {timing['median_wall_s'][plain]:.3f} s, {kd} {timing['median_wall_s'][kd]:.3f} s",
+             f"{kd} / {plain}: {ratio_text(ratio)} wall, {ratio_text(timing['ratio_cpu'][kd])} CPU time; floor from "
+             f"the shapes 1 + {fl['teacher_forward_flops'] / 1e9:.1f} / {fl['student_training_flops'] / 1e9:.1f} "
+             f"GFLOP = {fl['floor']:.3f}; measured / floor {ratio['median'] / fl['floor']:.3f} (target <= 1.05)",
+             f"saved for backward: plain {r['saved_for_backward_bytes'][plain] * mb:.1f} MiB, kd "
+             f"{r['saved_for_backward_bytes'][kd] * mb:.1f} MiB, extra {r['extra_saved_bytes'] * mb:.1f} MiB; "
+             f"teacher weights {r['teacher_weight_bytes'] * mb:.1f} MiB"]
+    if r.get("cuda_step_peak_bytes"):
+        lines += cuda_peak_lines(r["cuda_step_peak_bytes"], r["teacher_weight_bytes"], r["teacher_weight_bytes"])
+    if r.get("rss"):
+        rss = r["rss"]
+        extra = rss["kd"]["peak"] - rss["plain"]["peak"]
+        lines.append(f"resident memory (one process per arm, peak during a step): plain {rss['plain']['peak'] * mb:.0f}"
+                     f" MiB, kd {rss['kd']['peak'] * mb:.0f} MiB, extra {extra * mb:+.0f} MiB (target <= "
+                     f"{1.05 * r['teacher_weight_bytes'] * mb:.0f} MiB)")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default=None, help="smolvlm-256m, smollm2-360m-vlm or tiny (default: Llama)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"], help="mixed precision")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--memory", action="store_true", help="CPU: peak resident memory, one process per arm")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decoder / encoder layers (student, its plain copy, teacher)")
+    parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--json", help="also write the result here")
-    args = parser.parse_args(argv)
-    r = run(args)
-    mb = 1 / 2 ** 20
-    print(f"device {r['device']}  batch {args.batch}x{args.seq}  hidden {args.hidden}  layers {args.layers}  "
-          f"vocab {args.vocab}  (teacher = student size)")
-    print(f"median step: plain {r['median_step_s']['plain'] * 1e3:.1f} ms, kd {r['median_step_s']['kd'] * 1e3:.1f} ms"
-          f"  -> ratio {r['ratio_kd_over_plain']:.3f}  (target <= 1.4)")
-    print(f"saved for backward: plain {r['saved_for_backward_bytes']['plain'] * mb:.1f} MiB, kd "
-          f"{r['saved_for_backward_bytes']['kd'] * mb:.1f} MiB, extra {r['extra_saved_bytes'] * mb:.1f} MiB "
-          f"(one fp32 [N,V] logit-row block = {r['student_logit_rows_fp32_bytes'] * mb:.1f} MiB); "
-          f"teacher weights {r['teacher_weight_bytes'] * mb:.1f} MiB")
-    if r["cuda_peak_bytes"]:
-        p = r["cuda_peak_bytes"]
-        print(f"CUDA peak: plain {p['plain'] * mb:.1f} MiB, kd {p['kd'] * mb:.1f} MiB")
+    parser.add_argument("--memory-arm", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_arm:
+        print(json.dumps(memory_arm(args, args.memory_arm)))
+        return 0
+    device = torch.device(args.device)
+    r = run(args, device)
+    r["device"] = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cpu" and args.memory:
+        child = [a for a in argv if a != "--memory"]
+        r["rss"] = {arm: rss_in_subprocess(MODULE, child, arm) for arm in ("plain", "kd")}
+    print(report(r, args))
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump(r, fh, indent=2)
     return 0

@@ -76,8 +76,7 @@ def _pretrain(images: np.ndarray, scale: dict, output_dir: str, seed: int):
         seg_hidden_channels=scale["seg_hidden"], seg_map_channels=scale["seg_map"],
         # A short run: a faster EMA than the paper's 0.9995 (whose teacher would barely move in a few hundred
         # steps), prototypes frozen for the first 10% of steps, pseudo masks throughout.
-        teacher_momentum=0.99, momentum_total_steps=steps, freeze_last_layer_steps=max(1, steps // 10),
-        pseudo_mask_steps=steps + 1)
+        teacher_momentum=0.99, freeze_last_layer_fraction=0.1, pseudo_mask_fraction=1.0)
     args = TrainingArguments(output_dir=os.path.join(output_dir, "pretrain"), max_steps=steps,
                              per_device_train_batch_size=scale["pretrain_batch"], learning_rate=scale["pretrain_lr"],
                              lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10), weight_decay=0.04,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from vlmdistill.config import PluginConfig, option
 from vlmdistill.errors import ConfigError
@@ -56,9 +57,9 @@ class CCDConfig(PluginConfig):
     seg_groups: int = option(
         8, "GroupNorm groups in the segmentation head (the original uses BatchNorm, which would make k micro-batches "
            "differ from one big batch)", ge=1)
-    pseudo_mask_steps: int = option(
-        117_188, "optimizer steps during which character masks come from k-means pseudo masks; afterwards from the "
-                 "student's own segmentation (default: 30M samples at batch 256, as in the paper)", ge=0)
+    pseudo_mask_fraction: float = option(
+        0.3, "fraction of training during which character masks come from k-means pseudo masks; afterwards from the "
+             "student's own segmentation (the reference: 30 of its ~100 one-million-image epochs)", ge=0.0, le=1.0)
     kmeans_iterations: int = option(10, "Lloyd iterations of the per-image 2-means on grey levels", ge=1)
     max_characters: int = option(26, "character slots per image (connected components, leftmost first)", ge=1)
     min_character_pixels: int = option(30, "smallest connected component (pixels) counted as a character", ge=1)
@@ -70,19 +71,22 @@ class CCDConfig(PluginConfig):
     bottleneck_dim: int = option(256, "width of the L2-normalised bottleneck before the prototypes", ge=1)
     norm_last_layer: bool = option(
         False, "fix the weight-norm gain of the prototype layer to 1 (the CCD configs use False for ViT-Small)")
-    freeze_last_layer_steps: int = option(
-        3906, "optimizer steps during which the prototype layer receives zero gradient (CCD: one 1M-sample "
-              "'epoch', about 3906 steps at batch 256)", ge=0)
+    freeze_last_layer_fraction: float = option(
+        0.01, "fraction of training during which the prototype layer gets no optimizer update at all (its gradient "
+              "is dropped before each step, as in the reference's cancel_gradients_last_layer: 1 of ~100 epochs)",
+        ge=0.0, le=1.0)
     student_temperature: float = option(0.1, "student softmax temperature", gt=0.0)
     teacher_temperature: float = option(0.04, "teacher softmax temperature (after centring)", gt=0.0)
     center_momentum: float = option(0.9, "EMA momentum of the teacher centre", ge=0.0, le=1.0)
     seg_weight: float = option(1.0, "weight of the segmentation loss in the total", ge=0.0)
     distill_weight: float = option(1.0, "weight of the character distillation loss in the total", ge=0.0)
     # --- EMA teacher ------------------------------------------------------------------------------
-    teacher_momentum: float = option(0.9995, "EMA momentum at step 0; rises to 1 on a cosine schedule",
+    teacher_momentum: float = option(0.9995, "EMA momentum at step 0; rises to 1 on a cosine schedule over the run",
                                      ge=0.0, le=1.0)
-    momentum_total_steps: int = option(
-        100_000, "optimizer steps of the cosine momentum schedule (set it to the run's length)", ge=1)
+    total_steps: Optional[int] = option(
+        None, "optimizer steps of the whole run, which the fractions and the cosine momentum schedule refer to; "
+              "None = the HF Trainer's max_steps (DistillationCallback passes it); a hand-written loop must set it",
+        ge=1)
     # --- inputs -----------------------------------------------------------------------------------
     image_mean: tuple[float, float, float] = option(
         (0.485, 0.456, 0.406), "per-channel mean the pixel_values were normalised with (undone for augmentation)")

@@ -42,20 +42,6 @@ class SegmentationHead(nn.Module):
         return x
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; gradient times `scale` (0 freezes a parameter while keeping it in the graph, so DDP and
-    gradient accumulation see the same set of gradients on every step)."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
 class DINOHead(nn.Module):
     """MLP (Linear-GELU-Linear-GELU-Linear) -> L2 norm -> weight-normalised prototypes, no bias (DINO, CCD).
 
@@ -79,9 +65,5 @@ class DINOHead(nn.Module):
     def prototypes(self) -> torch.Tensor:
         return self.last_gain * F.normalize(self.last_direction, dim=1)
 
-    def forward(self, x: torch.Tensor, freeze_last_layer: bool = False) -> torch.Tensor:
-        z = F.normalize(self.mlp(x), dim=-1)
-        weight = self.prototypes()
-        if freeze_last_layer:
-            weight = _ScaleGrad.apply(weight, 0.0)
-        return z @ weight.t()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x), dim=-1) @ self.prototypes().t()

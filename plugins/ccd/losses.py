@@ -81,5 +81,9 @@ class TeacherCentre:
         if count > 0:
             mean = (total[:-1] / count).to(self.value.dtype)
             self.value.mul_(momentum).add_(mean, alpha=1.0 - momentum)
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget the outputs observed since the last update (a step the optimizer skipped)."""
         self.pending_sum.zero_()
         self.pending_count.zero_()

@@ -6,7 +6,7 @@ One micro-batch of unlabeled text images (`pixel_values`, optionally `ccd_seed`)
 2. pseudo text masks by 2-means on the input's grey levels (polarity fixed), warped to the irregular view;
 3. the student backbone runs on both views; its block outputs feed the segmentation head (2-class loss);
 4. character slots = connected components of the regular view's text mask (pseudo masks, then the student's
-   own prediction after `pseudo_mask_steps`), warped to the irregular view;
+   own prediction after `pseudo_mask_fraction` of training), warped to the irregular view;
 5. character features = mask-weighted token averages, for the student and the EMA teacher (no gradients);
    DINO head on both, cross-view loss over characters present in both views.
 
@@ -57,6 +57,7 @@ class CCDPlugin(DistillationPlugin):
         self._centre: TeacherCentre | None = None
         self._student_capture: ActivationCapture | None = None
         self._teacher_capture: ActivationCapture | None = None
+        self._trainer_steps: int | None = None  # the Trainer's max_steps, when config.total_steps is None
 
     # ------------------------------------------------------------------ wrap
     def check_compatibility(self, student: nn.Module) -> None:
@@ -98,6 +99,7 @@ class CCDPlugin(DistillationPlugin):
         grid = spec.grid((h, w))
         self._follow_device()
         step = int(self.global_step)
+        pseudo_phase = self._before(cfg.pseudo_mask_fraction)
 
         with torch.no_grad():
             images = self._to_unit_range(pixels)
@@ -116,7 +118,7 @@ class CCDPlugin(DistillationPlugin):
         seg = segmentation_loss(seg_logits, torch.cat([pseudo, pseudo_irregular]))
 
         with torch.no_grad():
-            text = pseudo if step < cfg.pseudo_mask_steps else seg_logits[:b].argmax(1).bool()
+            text = pseudo if pseudo_phase else seg_logits[:b].argmax(1).bool()
             slots = character_slots(text, cfg.max_characters, cfg.min_character_pixels)
             weights_reg, present_reg = slot_token_weights(slots, grid)
             weights_irr, present_irr = slot_token_weights(warp_masks(slots, views.theta, cfg.warp_threshold), grid)
@@ -133,13 +135,12 @@ class CCDPlugin(DistillationPlugin):
         if self.training:
             self._centre.observe(teacher_logits)
 
-        frozen = step < cfg.freeze_last_layer_steps
         n = t_reg.shape[0]
         if n:
             with full_precision(pixels.device):
                 s_reg = pool_characters(tokens[:b], weights_reg)[paired]
                 s_irr = pool_characters(tokens[b:], weights_irr)[paired]
-                student_logits = self.student_head(torch.cat([s_reg, s_irr]), freeze_last_layer=frozen)
+                student_logits = self.student_head(torch.cat([s_reg, s_irr]))
             distill = cross_view_distillation_loss(
                 student_logits[:n], student_logits[n:], teacher_logits[:n], teacher_logits[n:], self._centre.value,
                 sample_index, b, student_temperature=cfg.student_temperature,
@@ -147,7 +148,7 @@ class CCDPlugin(DistillationPlugin):
         else:
             # Keep the head in the graph with zero gradient: DDP and accumulation then see the same parameters.
             with full_precision(pixels.device):
-                distill = self.student_head(tokens.new_zeros(1, spec.width), freeze_last_layer=frozen).sum() * 0.0
+                distill = self.student_head(tokens.new_zeros(1, spec.width)).sum() * 0.0
         loss = cfg.seg_weight * seg + cfg.distill_weight * distill
         terms = {"seg": seg.detach(), "distill": distill.detach(),
                  "paired_characters": torch.tensor(n / b, device=seg.device)}
@@ -186,15 +187,49 @@ class CCDPlugin(DistillationPlugin):
         shard_teacher(self._ema_backbone.module, placement, **fsdp_kwargs)
         shard_teacher(self._ema_head.module, placement, **fsdp_kwargs)
 
+    # ------------------------------------------------------------- schedules
+    def on_train_begin(self, max_steps: int) -> None:
+        self._trainer_steps = int(max_steps)
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the run: `config.total_steps`, else the Trainer's max_steps."""
+        total = self.config.total_steps or self._trainer_steps
+        if total is None:
+            raise RuntimeError(
+                "ccd: the schedules (pseudo-mask phase, prototype freeze, EMA momentum) are fractions of training, and "
+                "the run's length is unknown. Train under transformers.Trainer with vlmdistill.DistillationCallback "
+                "(it passes max_steps), or set total_steps=<optimizer steps of the run> in the config")
+        return total
+
+    def _before(self, fraction: float) -> bool:
+        """Is the current optimizer step within the first `fraction` of training? (An evaluation forward before the
+        run's length is known counts as the start.)"""
+        if not self.training and not (self.config.total_steps or self._trainer_steps):
+            return True
+        return int(self.global_step) < fraction * self.total_steps()
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """The prototype layer during the first `freeze_last_layer_fraction` of training. Read right before each
+        optimizer step, when `global_step` counts the steps taken before it."""
+        known = self.config.total_steps or self._trainer_steps
+        if self.spec is None or not known or not self._before(self.config.freeze_last_layer_fraction):
+            return []
+        head = self.student_head
+        return [head.last_direction, head.last_gain]
+
     # ---------------------------------------------------------------- per step
     def on_step_end(self) -> None:
         if self._ema_backbone is None:
             return
         cfg = self.config
-        momentum = teacher_momentum(int(self.global_step) - 1, cfg.momentum_total_steps, cfg.teacher_momentum)
+        momentum = teacher_momentum(int(self.global_step) - 1, self.total_steps(), cfg.teacher_momentum)
         self._ema_backbone.update(self._student, momentum)
         self._ema_head.update(self.student_head, momentum)
         self._centre.update(cfg.center_momentum)
+
+    def on_step_skipped(self) -> None:
+        if self._centre is not None:
+            self._centre.discard()
 
     # ------------------------------------------------------------- persistence
     def hidden_state(self) -> dict[str, torch.Tensor]:

@@ -158,7 +158,9 @@ class AttentionRouter:
                                   saved_by_attention=impl == "sdpa" and attention_mask is None)
             return _original_function(impl, module)(module, query, key, value, attention_mask, **kwargs)
 
-        return attention
+        # Under torch.compile the routing runs eagerly (a graph break per attention call): it reads per-forward
+        # state that a traced graph would bake in, and the teacher's per-row attention is data-dependent.
+        return torch.compiler.disable(attention)
 
     def _make_mask_function(self, build: Callable) -> Callable:
         def mask(*args, **kwargs):
@@ -167,7 +169,7 @@ class AttentionRouter:
                 return None  # the teacher's attention takes its masks from the layout: build none
             return build(*args, **kwargs)
 
-        return mask
+        return torch.compiler.disable(mask)
 
     @contextlib.contextmanager
     def activate(self, state: ForwardState | None) -> Iterator[ForwardState | None]:

@@ -165,8 +165,10 @@ class LinguDistillPlugin(DistillationPlugin):
             self._attn_restore.append((t_inner, _attn_snapshot(t_inner.config)))
             t_key = _text_config_key(t_inner.config)
             t_inner.set_attn_implementation({t_key: t_name} if t_key else t_name)
-        hooks.forward_pre_hook(self._student_decoder.rotary_emb, self._record_positions, with_kwargs=True)
-        hooks.forward_hook(teacher_lm.decoder, self._record_teacher_hidden)
+        # Eager under torch.compile: they read the per-forward state
+        hooks.forward_pre_hook(self._student_decoder.rotary_emb, torch.compiler.disable(self._record_positions),
+                               with_kwargs=True)
+        hooks.forward_hook(teacher_lm.decoder, torch.compiler.disable(self._record_teacher_hidden))
 
     def detach(self, student: nn.Module) -> None:
         while self._attn_restore:

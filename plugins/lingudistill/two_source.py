@@ -163,6 +163,11 @@ def two_source_attention(q, k_shared, v_shared, k_own, v_own, plan: PackedAttent
     if kernel == "triton" and fused is None:
         raise RuntimeError("kernel='triton' needs vlmdistill.kernels, which is not installed")
     if fused is not None and (kernel == "triton" or _kernel_fits(q)):
+        # One dtype for the kernel: under autocast RoPE leaves q and k in fp32 and v in the autocast dtype, and
+        # SDPA would run in the autocast dtype too
+        device = q.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+        q, k_shared, v_shared, k_own, v_own = (t.to(dtype) for t in (q, k_shared, v_shared, k_own, v_own))
         out, _ = fused(plan.unpack(q, "query"), plan.unpack(k_shared, "shared"), plan.unpack(v_shared, "shared"),
                        plan.unpack(k_own, "query"), plan.unpack(v_own, "query"), scale=scale, backend="triton",
                        **plan.padded()["meta"])

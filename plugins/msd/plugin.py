@@ -45,6 +45,7 @@ class MSDPlugin(DistillationPlugin):
     config_class = MSDConfig
     teacher_policy = "none"
     demo = "vlmdistill.eval.experiments.msd:main"
+    window_on_host = True
 
     def __init__(self, config: MSDConfig, **runtime: Any) -> None:
         super().__init__(config, **runtime)
@@ -220,6 +221,11 @@ class MSDPlugin(DistillationPlugin):
             # After the loss: the keys of this step never meet themselves in the queue.
             self.queues.enqueue(window.image_keys, window.text_keys)
         self._clamp_temperature()
+
+    def on_step_skipped(self) -> None:
+        # The optimizer did not step: no EMA move, no enqueue (a skipped step's keys may be NaN); the next step
+        # starts a window of its own.
+        self._window = None
 
     # ----------------------------------------------------------- persistence
     def hidden_state(self) -> dict[str, torch.Tensor]:

@@ -29,10 +29,11 @@ def _collate(examples):
     return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-# Small heads and short schedules so every stage (frozen prototypes, pseudo -> predicted masks) is crossed.
+# Small heads and short schedules so every stage (frozen prototypes: step 0, pseudo -> predicted masks: after step
+# 2) is crossed.
 CONFIG = {"seg_blocks": [1, 2, 3], "seg_hidden_channels": 16, "seg_map_channels": 8, "seg_groups": 4,
-          "out_dim": 64, "head_hidden_dim": 32, "bottleneck_dim": 16, "pseudo_mask_steps": 2,
-          "freeze_last_layer_steps": 1, "teacher_momentum": 0.9, "momentum_total_steps": 20}
+          "out_dim": 64, "head_hidden_dim": 32, "bottleneck_dim": 16, "pseudo_mask_fraction": 0.1,
+          "freeze_last_layer_fraction": 0.05, "teacher_momentum": 0.9, "total_steps": 20}
 
 
 def case() -> ContractCase:
