@@ -37,19 +37,50 @@ def test_gradients_reach_only_the_student_and_the_adapters():
     assert student.logit_scale.grad is None
 
 
-def test_idle_parameters_get_no_optimizer_update():
+def _fresh(optimizer, param) -> bool:
+    """No optimizer state, or the one a fresh Adam starts from (step 0, zero moments)."""
+    state = optimizer.state.get(param)
+    return not state or (int(state["step"]) == 0 and
+                         all(not v.any() for k, v in state.items() if k != "step"))
+
+
+def test_idle_parameters_get_no_optimizer_update_and_start_stage_2_as_a_fresh_adam():
+    """Stage 1 leaves the logit scale, the projections and the vision pooling norm idle (no embedding term): AdamW
+    with weight decay must neither decay them nor advance their state, so that their first stage-2 update is a
+    fresh AdamW's, even in one optimizer run across the switch (the restart off). Stage 2 leaves the adapters idle."""
     student = tiny_hf_clip(hidden=16, layers=1, patch=8, seed=1)
     teacher = tiny_hf_clip(hidden=32, layers=2, patch=4, projection=24, seed=2)
-    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, embedding_weight=0.5)
-    before = student.logit_scale.detach().clone()
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    for seed in range(2):
-        wrapped(**_hf_batch(seed=seed)).loss.backward()
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, switch_at_step=3,
+                              restart_optimizer_at_switch=False)
+    idle = {"logit_scale": student.logit_scale, "visual_projection": student.visual_projection.weight,
+            "text_projection": student.text_projection.weight,
+            "post_layernorm": student.vision_model.post_layernorm.weight}
+    before = {name: p.detach().clone() for name, p in idle.items()}
+    lr, decay = 1e-2, 0.1
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=lr, weight_decay=decay)
+    for step in range(3):
+        wrapped(**_hf_batch(seed=step)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    # Neither decayed nor moved, and AdamW keeps no moments for it: stage 2 starts it like a fresh optimizer would.
-    assert torch.equal(student.logit_scale.detach(), before)
-    assert student.logit_scale not in optimizer.state
+        wrapped.step_end()
+        for name, p in idle.items():
+            assert torch.equal(p.detach(), before[name]), f"{name} moved in stage 1 (step {step})"
+            assert _fresh(optimizer, p), f"{name}'s AdamW state advanced in stage 1 (step {step})"
+    assert int(wrapped.plugin.stage) == 2
+    adapters = {name: p.detach().clone() for name, p in wrapped.plugin.adapters.named_parameters()}
+
+    wrapped(**_hf_batch(seed=3)).loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in idle.items()}
+    optimizer.step()
+    for name, p in idle.items():
+        reference = nn.Parameter(before[name].double())
+        reference.grad = grads[name].double()
+        torch.optim.AdamW([reference], lr=lr, weight_decay=decay).step()
+        assert not torch.equal(p.detach(), before[name]), name
+        torch.testing.assert_close(p.detach().double(), reference.detach(), rtol=1e-6, atol=1e-8, msg=name)
+        assert int(optimizer.state[p]["step"]) == 1, name
+    for name, p in wrapped.plugin.adapters.named_parameters():
+        assert p.grad is None and torch.equal(p.detach(), adapters[name]), f"adapter {name} moved in stage 2"
 
 
 FAMILY_PAIRS = [

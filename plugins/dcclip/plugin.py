@@ -155,6 +155,17 @@ class DCCLIPPlugin(DistillationPlugin):
             return (switch,)
         return ()
 
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters this optimizer step leaves without a gradient: what the current stage does not
+        use (stage 1: the logit scale, and without the embedding term the projections and pooling heads past the
+        feature taps; stage 2: the adapters). They join no loss (not even with weight 0, which would give them a
+        zero gradient that AdamW decays and counts as a step), so the optimizer skips them; naming them gives them
+        the fresh optimizer state of `vlmdistill.frozen`, so every trainable parameter has a state to checkpoint
+        and a sharded checkpoint taken in either stage loads strictly. Read right before each optimizer step, after
+        backward and any DDP / FSDP2 gradient reduction: a parameter no rank used has no gradient there."""
+        student = self._student.parameters() if self._student is not None else ()
+        return [p for p in (*self.parameters(), *student) if p.requires_grad and p.grad is None]
+
     def _teacher_tokenizer_differs(self) -> bool:
         s_tok, t_tok = self.runtime.get("student_tokenizer"), self.runtime.get("teacher_tokenizer")
         return s_tok is not None and t_tok is not None and tokenizer_identity(s_tok) != tokenizer_identity(t_tok)
@@ -170,9 +181,8 @@ class DCCLIPPlugin(DistillationPlugin):
             out, loss, terms = self._stage2(student, inputs)
         else:
             out, loss, terms = self._stage1(student, inputs, extras)
-        # Parameters a stage does not use (logit scales in stage 1, adapters in stage 2) get no gradient at all,
-        # so the optimizer leaves them and their state alone; DDP needs find_unused_parameters=True (the
-        # Trainer's default for this wrapper).
+        # Parameters a stage does not use get no gradient at all (see frozen_parameters); DDP needs
+        # find_unused_parameters=True (the Trainer's default for this wrapper).
         return DistillationResult(output=out, loss=loss, loss_terms=terms)
 
     def logit_scale(self) -> nn.Parameter | None:
