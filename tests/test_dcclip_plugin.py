@@ -38,10 +38,9 @@ def test_gradients_reach_only_the_student_and_the_adapters():
 
 
 def _fresh(optimizer, param) -> bool:
-    """No optimizer state, or the one a fresh Adam starts from (step 0, zero moments)."""
+    """The state a fresh Adam starts from (step 0, zero moments): there is one to checkpoint, and it has not moved."""
     state = optimizer.state.get(param)
-    return not state or (int(state["step"]) == 0 and
-                         all(not v.any() for k, v in state.items() if k != "step"))
+    return bool(state) and int(state["step"]) == 0 and all(not v.any() for k, v in state.items() if k != "step")
 
 
 def test_idle_parameters_get_no_optimizer_update_and_start_stage_2_as_a_fresh_adam():
