@@ -186,3 +186,26 @@ def test_cache_is_released_at_the_switch(cache_dir):
     wrapped.step_end()
     assert wrapped.plugin.cache is None and cache.open_files == 0
     assert set(wrapped(**_batches()[1]).loss_terms) == {"contrastive"}
+
+
+def test_cache_records_the_teachers_tokenizer_and_refuses_another_student_tokenizer(tmp_path):
+    """Without a teacher at wrap time the cache is the teacher: token-level text distillation from it needs the
+    tokenizer its features were computed with."""
+    from vlmdistill.errors import IncompatibleTeacherError
+    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+    from vlmdistill.vocab import tokenizer_identity
+
+    teacher_tok = train_caption_tokenizer(["a photo of the digit one.", "数字一的照片。"], vocab_size=300)
+    other_tok = train_caption_tokenizer(["a handwritten nine.", "手写的九。"], vocab_size=300)
+    directory = str(tmp_path / "cache")
+    builder = vlmdistill.wrap(_student(), plugin="dcclip", teacher=_teacher(), config=CONFIG,
+                              student_tokenizer=teacher_tok, teacher_tokenizer=teacher_tok)
+    builder.plugin.build_teacher_cache(_batches(1), directory, progress=False)
+    manifest = json.load(open(os.path.join(directory, "manifest.json")))
+    assert manifest["teacher_tokenizer"] == tokenizer_identity(teacher_tok)
+    config = {**CONFIG, "teacher_cache": directory, "teacher_fingerprint": manifest["teacher_fingerprint"]}
+    with pytest.raises(IncompatibleTeacherError, match="differs from the tokenizer the cached teacher features"):
+        vlmdistill.wrap(_student(), plugin="dcclip", config=config, student_tokenizer=other_tok)
+    vlmdistill.wrap(_student(), plugin="dcclip", config=config, student_tokenizer=teacher_tok)
+    # pooled text embeddings allow any pair of tokenizers
+    vlmdistill.wrap(_student(), plugin="dcclip", config={**config, "text_level": "pooled"}, student_tokenizer=other_tok)

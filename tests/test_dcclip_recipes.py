@@ -75,6 +75,8 @@ def test_train_recipe_runs_both_stages_from_the_cache(recipe_path, tmp_path):
     assert summary["global_step"] == 2
     logged = [h for h in summary["log_history"] if "loss" in h]
     assert "distill/image" in logged[0] and "distill/contrastive" in logged[1]
+    # the recipe's Trainer restarts the (linear) schedule for stage 2; one schedule would be at 5e-4 there
+    assert [h["learning_rate"] for h in logged] == pytest.approx([1e-3, 1e-3])
     from transformers import CLIPModel
 
     CLIPModel.from_pretrained(summary["student"])
