@@ -4,6 +4,7 @@
     vlmdistill train RECIPE.yaml [--set training.max_steps=10 ...] [--dry-run]
     vlmdistill demo [PLUGIN] [-- demo arguments]     (default: lingudistill)
     vlmdistill eval elevater ...        zero-shot evaluation (see `vlmdistill eval elevater -h`)
+    vlmdistill eval str ...             text-recognition word accuracy on LMDB benchmarks
 
 Plugins may add sub-commands through their `commands` attribute ({"name": "module:function"}).
 """
@@ -80,9 +81,11 @@ def _add_eval(subparsers) -> None:
     inner = parser.add_subparsers(dest="harness", required=True)
     try:
         from vlmdistill.eval.elevater.cli import add_elevater_parser
+        from vlmdistill.eval.text_recognition import add_str_parser
     except ImportError:
         return
     add_elevater_parser(inner)
+    add_str_parser(inner)
 
 
 def _plugin_commands() -> dict[str, str]:
