@@ -59,7 +59,8 @@ class DistillationCallback(TrainerCallback):
         wrapper = _find_wrapper(model)
         if wrapper is None or logs is None or "loss" not in logs:
             return control
-        terms = wrapper.pop_logged_terms()
+        # reduced over ranks like the Trainer's own loss: num_items_in_batch counts all ranks unless told otherwise
+        terms = wrapper.pop_logged_terms(count_is_global=getattr(args, "average_tokens_across_devices", True))
         logs.update(terms)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(terms)
@@ -90,7 +91,8 @@ class DistillationTrainerMixin:
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         wrapper = _find_wrapper(self.model)
         if wrapper is not None and "loss" in logs:
-            logs.update(wrapper.pop_logged_terms())
+            logs.update(wrapper.pop_logged_terms(
+                count_is_global=getattr(self.args, "average_tokens_across_devices", True)))
         super().log(logs, *args, **kwargs)
 
 

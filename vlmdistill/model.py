@@ -8,11 +8,12 @@ HF Trainer keeps the right batch columns and finds the labels.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -373,10 +374,26 @@ def _any_process(flag: bool, device: torch.device) -> bool:
     return bool(value.item() > 0)
 
 
+_WITH_LOSS: dict[type, type] = {}
+
+
+def _with_loss_field(cls: type) -> type:
+    """`cls` (a transformers ModelOutput dataclass) with an optional `loss` field added."""
+    if cls not in _WITH_LOSS:
+        _WITH_LOSS[cls] = dataclasses.make_dataclass(
+            f"{cls.__name__}WithLoss", [("loss", Optional[torch.Tensor], dataclasses.field(default=None))],
+            bases=(cls,), namespace={"__module__": __name__})
+    return _WITH_LOSS[cls]
+
+
 def _attach_loss(output: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> Any:
     from transformers.utils import ModelOutput
 
     if isinstance(output, ModelOutput):
+        if "loss" not in {f.name for f in dataclasses.fields(output)}:
+            # e.g. a ViT's BaseModelOutputWithPooling: the same output with a `loss` field (DDP rebuilds outputs
+            # from their fields when it looks for unused parameters)
+            output = _with_loss_field(type(output))(**dict(output.items()))
         output["loss"] = loss  # item *and* attribute, also when the student computed none
         output.loss_terms = terms
         return output
