@@ -79,12 +79,15 @@ def cmd_demo(args) -> int:
 def _add_eval(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="evaluation harnesses")
     inner = parser.add_subparsers(dest="harness", required=True)
+    # each harness on its own: one that cannot be imported does not hide the other
     try:
         from vlmdistill.eval.elevater.cli import add_elevater_parser
-        from vlmdistill.eval.text_recognition import add_str_parser
     except ImportError:
-        return
-    add_elevater_parser(inner)
+        pass
+    else:
+        add_elevater_parser(inner)
+    from vlmdistill.eval.text_recognition import add_str_parser   # imports only the standard library
+
     add_str_parser(inner)
 
 
