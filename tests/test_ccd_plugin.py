@@ -90,8 +90,8 @@ def test_loss_decreases_on_a_fixed_batch():
 
 def test_frozen_prototypes_get_no_optimizer_update_and_a_fresh_adam_after():
     """During the freeze the prototypes get gradients (DDP and accumulation see every parameter) but no optimizer
-    update: AdamW keeps no state for them, applies no weight decay; the first update after the freeze is a fresh
-    Adam's on the same gradient."""
+    update: AdamW holds a fresh state for them (step 0, zero moments: checkpointable), applies no weight decay; the
+    first update after the freeze is a fresh Adam's on the same gradient."""
     w = wrapped_tiny(freeze_last_layer_fraction=0.2)   # steps 0 and 1 of 10
     w.train()
     head = w.plugin.student_head
@@ -103,7 +103,9 @@ def test_frozen_prototypes_get_no_optimizer_update_and_a_fresh_adam_after():
         opt.step()
         opt.zero_grad()
         w.step_end()
-        assert head.last_direction not in opt.state and head.last_gain not in opt.state
+        for frozen in (head.last_direction, head.last_gain):
+            assert opt.state[frozen]["step"] == 0
+            assert not opt.state[frozen]["exp_avg"].any() and not opt.state[frozen]["exp_avg_sq"].any()
         assert torch.equal(head.last_direction.detach(), start)
     assert opt.state[head.mlp[0].weight]["step"] == 2        # the rest trains
     w(**batch(seed=2)).loss.backward()
@@ -261,3 +263,38 @@ def test_trocr_style_deit_encoder_with_two_prefix_tokens():
     assert deit.embeddings.position_embeddings.grad is not None
     with pytest.raises(UnsupportedModelError):
         vlmdistill.wrap(torch.nn.ModuleDict({"encoder": deit}), plugin="ccd")  # pass the encoder itself
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+], ids=["adamw", "sgd-momentum"])
+def test_a_checkpoint_taken_during_the_freeze_loads_strictly_and_unfreezes_fresh(make_optimizer):
+    """torch.distributed.checkpoint's state-dict API (what accelerate's FSDP2 resume calls) refuses a trainable
+    parameter without optimizer state; the frozen prototypes hold a fresh one, so the strict load works and the
+    first update after the freeze is the fresh optimizer's."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def trained(steps):
+        torch.manual_seed(0)
+        w = wrapped_tiny(freeze_last_layer_fraction=0.2)
+        w.train()
+        opt = make_optimizer([p for p in w.parameters() if p.requires_grad])
+        for step in steps:
+            w(**batch(seed=step)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            w.step_end()
+        return w, opt
+
+    saved_model, saved_optim = get_state_dict(*trained([0]))
+    resumed, opt = trained([])
+    set_state_dict(resumed, opt, model_state_dict=saved_model, optim_state_dict=saved_optim)
+    for step in (1, 2):
+        resumed(**batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        resumed.step_end()
+    uninterrupted, _ = trained([0, 1, 2])
+    for (name, a), b in zip(resumed.named_parameters(), uninterrupted.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)

@@ -10,6 +10,12 @@ CCD drop it (`cancel_gradients_last_layer`).
 The drop runs in a global optimizer step pre-hook, so it holds in every loop (HF Trainer, accelerate, a hand-written
 loop, a GradScaler's step) without the user calling anything. DeepSpeed's engine steps its own flattened gradient
 partitions, which this cannot reach.
+
+A frozen parameter still gets an optimizer state: for Adam and AdamW (the Trainer's default) and SGD with momentum
+the hook writes one the first update after the freeze treats exactly as a fresh start (`_give_fresh_state`), so
+every trainable parameter has a state to checkpoint. Without it a distributed
+checkpoint saved during the freeze cannot be loaded strictly (torch.distributed.checkpoint's `set_state_dict`
+and accelerate's FSDP2 resume refuse a trainable parameter with no saved optimizer state).
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+import torch
+from torch.optim.optimizer import _get_scalar_dtype, register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
 
@@ -37,6 +44,29 @@ def drop_frozen_gradients(wrapper: Any) -> RemovableHandle:
         for param in frozen:
             if id(param) in held:
                 param.grad = None
+                _give_fresh_state(optimizer, param)
         return None
 
     return register_optimizer_step_pre_hook(hook)
+
+
+def _give_fresh_state(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter) -> None:
+    """If `param` has no state yet, write one its first real step treats exactly as a fresh start: Adam/AdamW's
+    (what `torch.optim.Adam._init_group` creates: step 0, zero moments) and SGD's with momentum and no dampening
+    (a zero buffer: momentum * 0 + grad is the fresh buffer). Other optimizers keep no state until the unfreeze."""
+    if optimizer.state.get(param):
+        return
+    group = next(g for g in optimizer.param_groups if any(p is param for p in g["params"]))
+    zeros = lambda: torch.zeros_like(param, memory_format=torch.preserve_format)  # noqa: E731
+    if isinstance(optimizer, torch.optim.Adam):
+        on_device = group["capturable"] or group["fused"]
+        state = {"step": torch.zeros((), dtype=_get_scalar_dtype(is_fused=group["fused"]),
+                                     device=param.device if on_device else "cpu"),
+                 "exp_avg": zeros(), "exp_avg_sq": zeros()}
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = zeros()
+    elif isinstance(optimizer, torch.optim.SGD) and group["momentum"] != 0 and group["dampening"] == 0:
+        state = {"momentum_buffer": zeros()}
+    else:
+        return
+    optimizer.state[param] = state
