@@ -227,3 +227,67 @@ def test_every_third_party_import_is_declared():
 def test_triton_is_a_linux_only_requirement():
     triton = [d for d in PYPROJECT["project"]["dependencies"] if d.startswith("triton")]
     assert triton and "platform_system == 'Linux'" in triton[0]
+
+
+# ------------------------------------------------------------------------------------------------ config tables
+def _config_table(text: str) -> dict[str, str]:
+    """{key: default cell} of a README's config table (header `| key | ... | default | ...`; a row may name
+    several keys: `` `a`, `b` ``)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(r"^\|\s*key\s*\|", line))
+    header = [c.strip() for c in lines[start].strip().strip("|").split("|")]
+    column = header.index("default")
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        keys = re.findall(r"`([^`]+)`", cells[0])
+        parts = [p.strip() for p in re.split(r",\s*(?![^\[(]*[\])])", cells[column])]
+        for i, key in enumerate(keys):
+            rows[key] = parts[i] if len(keys) > 1 and len(parts) == len(keys) else cells[column]
+    return rows
+
+
+# named defaults a table may use instead of the numbers
+NAMED_DEFAULTS = {"ImageNet": [(0.485, 0.456, 0.406), (0.229, 0.224, 0.225)],
+                  "OpenAI CLIP": [(0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)]}
+
+
+def _same_default(cell: str, value) -> bool:
+    import dataclasses
+    import math
+
+    cell = re.sub(r"\s*\[inferred\]", "", cell).replace("`", "").strip()
+    if cell in NAMED_DEFAULTS:
+        return tuple(value) in NAMED_DEFAULTS[cell]
+    if dataclasses.is_dataclass(value) or cell in ("see below", "see above"):
+        return dataclasses.is_dataclass(value) or isinstance(value, (dict, list, tuple))
+    if isinstance(value, bool) or value is None:
+        return cell.lower() in {str(value).lower(), "null" if value is None else "-"}
+    if isinstance(value, (int, float)):
+        try:
+            number = float(eval(cell, {"__builtins__": {}}, {"ln": math.log, "exp": math.exp}))
+        except Exception:
+            return False
+        return math.isclose(number, float(value), rel_tol=1e-6)
+    if isinstance(value, (list, tuple, dict)):
+        squash = lambda s: re.sub(r"[\s'\"()\[\]{}]", "", s)  # noqa: E731
+        return squash(cell) == squash(str(list(value) if isinstance(value, tuple) else value))
+    return cell == str(value)
+
+
+@pytest.mark.parametrize("name", PLUGIN_DIRS)
+def test_each_readme_config_table_equals_the_config_class(name):
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(vlmdistill.get_plugin(name).config_class)}
+    table = _config_table((ROOT / "plugins" / name / "README.md").read_text())
+    assert sorted(table) == sorted(fields), (f"README only: {sorted(set(table) - set(fields))}; "
+                                             f"config only: {sorted(set(fields) - set(table))}")
+    wrong = {}
+    for key, field in fields.items():
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if not _same_default(table[key], default):
+            wrong[key] = (table[key], default)
+    assert not wrong, f"README default vs config default: {wrong}"
