@@ -291,3 +291,15 @@ def test_each_readme_config_table_equals_the_config_class(name):
         if not _same_default(table[key], default):
             wrong[key] = (table[key], default)
     assert not wrong, f"README default vs config default: {wrong}"
+
+
+def test_save_pretrained_refuses_unknown_keywords(tmp_path):
+    from contract_cases import load_case
+
+    case = load_case("kd")
+    student = case.make_student()
+    wrapped = vlmdistill.wrap(student, plugin="kd", teacher=case.make_teacher(student), config=dict(case.config))
+    with pytest.raises(TypeError, match="max_shard_size"):
+        wrapped.save_pretrained(str(tmp_path / "a"), max_shard_size="1GB")
+    wrapped.save_pretrained(str(tmp_path / "b"), is_main_process=True)  # what the Trainer passes
+    assert (tmp_path / "b" / vlmdistill.io.PLUGIN_CONFIG_NAME).is_file()

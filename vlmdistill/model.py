@@ -23,6 +23,7 @@ from .errors import ConfigError, DataError, NonFiniteLossError
 from .frozen import drop_frozen_gradients
 from .hooks import HookManager
 from .distributed import full_state_dict, is_dtensor, is_main_process, is_sharded, world_size
+from .distributed import is_main_process as _is_rank_zero  # save_pretrained's keyword shadows the name
 from .io import PLUGIN_CONFIG_NAME, PLUGIN_STATE_NAME, find_aliases, save_tensors, write_json
 from .plugin import DistillationPlugin
 from .sharding import ScalarParameters
@@ -246,19 +247,22 @@ class DistillationModel(nn.Module):
         self._detached = True
         return self.student
 
-    def save_pretrained(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None, **_: Any) -> None:
+    def save_pretrained(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None, *,
+                        is_main_process: bool | None = None) -> None:
         """The student in its native format, plus `vlmdistill_plugin.json` (plugin name and config)
         and `vlmdistill_plugin_state.safetensors` (plugin state: projections, EMA, queues, counters).
 
         Sharded models (FSDP2, DeepSpeed ZeRO-3) are gathered and written by rank 0: call it on every rank.
-        `state_dict`: the wrapper's full state dict when the caller has gathered it already (the Trainer)."""
+        `state_dict`: the wrapper's full state dict when the caller has gathered it already (the Trainer).
+        `is_main_process` is accepted for the Trainer's call (its `should_save`); the writer is always global rank
+        0, since every rank takes part in the gathers. Any other keyword is refused."""
         if state_dict is None:
             self._keep_aliases = True  # tied weights are the savers' business (transformers, save_tensors)
             try:
                 state_dict = full_state_dict(self) if world_size() > 1 or is_sharded(self) else self.state_dict()
             finally:
                 self._keep_aliases = False
-        main = is_main_process()
+        main = _is_rank_zero()
         student_state = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
         if main:
             _check_not_empty(student_state, "student")
