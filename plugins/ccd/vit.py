@@ -142,7 +142,8 @@ class CCDViT(nn.Module):
     # ------------------------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None, *,
                         is_main_process: bool = True) -> None:
-        """config.json + model.safetensors; `is_main_process=False` (a Trainer rank that must not save) writes nothing."""
+        """config.json + model.safetensors; `is_main_process=False` (a Trainer rank that must not save) writes
+        nothing."""
         if not is_main_process:
             return
         os.makedirs(directory, exist_ok=True)
