@@ -303,3 +303,16 @@ def test_save_pretrained_refuses_unknown_keywords(tmp_path):
         wrapped.save_pretrained(str(tmp_path / "a"), max_shard_size="1GB")
     wrapped.save_pretrained(str(tmp_path / "b"), is_main_process=True)  # what the Trainer passes
     assert (tmp_path / "b" / vlmdistill.io.PLUGIN_CONFIG_NAME).is_file()
+
+
+def test_metrics_are_logged_beside_the_loss_terms_but_are_no_part_of_them():
+    from contract_cases import load_case
+
+    case = load_case("ccd")
+    student = case.make_student()
+    wrapped = vlmdistill.wrap(student, plugin="ccd", teacher=case.make_teacher(student), config=dict(case.config),
+                              **case.runtime)
+    wrapped.train()
+    out = wrapped(**case.batch(4, seed=0))
+    assert set(out.loss_terms) == {"seg", "distill"} and set(out.metrics) == {"paired_characters"}
+    assert "distill/paired_characters" in wrapped.pop_logged_terms()  # logged as before

@@ -110,8 +110,8 @@ class DistillationModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The student's forward (same arguments, plus the plugin's extra inputs such as `kd_mask`).
 
-        Returns the student's own output object with `.loss` = the total distillation loss and
-        `.loss_terms` = a dict of its named parts.
+        Returns the student's own output object with `.loss` = the total distillation loss,
+        `.loss_terms` = a dict of its named parts and `.metrics` = the plugin's monitored quantities.
         """
         return self._distill_forward(*args, **kwargs)
 
@@ -141,10 +141,11 @@ class DistillationModel(nn.Module):
         result = self.plugin(self.student, inputs, extras, num_items)
         output = result.output
         if result.loss is not None:
-            output = _attach_loss(output, result.loss, result.loss_terms)
+            output = _attach_loss(output, result.loss, result.loss_terms, result.metrics)
             if self.training:
-                values = _as_floats(result.loss_terms, result.loss)
-                if self._finite_or_flag(values):
+                values = _as_floats({**result.metrics, **result.loss_terms}, result.loss)
+                checked = {k: v for k, v in values.items() if k not in result.metrics or k in result.loss_terms}
+                if self._finite_or_flag(checked):
                     self._record_terms(values, window_normalised=num_items is not None)
         return output
 
@@ -390,7 +391,8 @@ def _with_loss_field(cls: type) -> type:
     return _WITH_LOSS[cls]
 
 
-def _attach_loss(output: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> Any:
+def _attach_loss(output: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor],
+                 metrics: dict[str, torch.Tensor]) -> Any:
     from transformers.utils import ModelOutput
 
     if isinstance(output, ModelOutput):
@@ -400,22 +402,25 @@ def _attach_loss(output: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor]
             output = _with_loss_field(type(output))(**dict(output.items()))
         output["loss"] = loss  # item *and* attribute, also when the student computed none
         output.loss_terms = terms
+        output.metrics = metrics
         return output
     if isinstance(output, dict):
         output = dict(output)
         output["loss"] = loss
         output["loss_terms"] = terms
+        output["metrics"] = metrics
         return output
-    return DistillationOutput(loss=loss, loss_terms=terms, student_output=output)
+    return DistillationOutput(loss=loss, loss_terms=terms, metrics=metrics, student_output=output)
 
 
 class DistillationOutput(dict):
     """Output for students whose own output is not a mapping (tuples, tensors, open_clip features)."""
 
-    def __init__(self, loss: torch.Tensor, loss_terms: dict, student_output: Any) -> None:
+    def __init__(self, loss: torch.Tensor, loss_terms: dict, metrics: dict, student_output: Any) -> None:
         super().__init__(loss=loss, student_output=student_output)
         self.loss = loss
         self.loss_terms = loss_terms
+        self.metrics = metrics
         self.student_output = student_output
 
 

@@ -28,12 +28,14 @@ from .teachers import adapters_disabled, freeze, has_active_adapters, module_dev
 
 @dataclasses.dataclass
 class DistillationResult:
-    """What a plugin's forward returns: the student's own output object, the total loss, and its
-    named parts (unweighted values, logged as `distill/<name>`; `loss` combines them)."""
+    """What a plugin's forward returns: the student's own output object, the total loss, its named parts
+    (unweighted values, logged as `distill/<name>`; `loss` combines them) and `metrics`: monitored quantities that
+    are no part of the loss (logged the same way, never checked for NaN, not in the output's `loss_terms`)."""
 
     output: Any
     loss: torch.Tensor | None
     loss_terms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 class HiddenState(nn.Module):

@@ -151,9 +151,9 @@ class CCDPlugin(DistillationPlugin):
             with full_precision(pixels.device):
                 distill = self.student_head(tokens.new_zeros(1, spec.width)).sum() * 0.0
         loss = cfg.seg_weight * seg + cfg.distill_weight * distill
-        terms = {"seg": seg.detach(), "distill": distill.detach(),
-                 "paired_characters": torch.tensor(n / b, device=seg.device)}
-        return DistillationResult(output=output, loss=loss, loss_terms=terms)
+        terms = {"seg": seg.detach(), "distill": distill.detach()}
+        metrics = {"paired_characters": torch.tensor(n / b, device=seg.device)}
+        return DistillationResult(output=output, loss=loss, loss_terms=terms, metrics=metrics)
 
     def _image_key(self, inputs: dict[str, Any]) -> str:
         for key in (self.spec.input_name, "pixel_values", "x"):
