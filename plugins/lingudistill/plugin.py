@@ -76,7 +76,7 @@ class LinguDistillPlugin(DistillationPlugin):
     extra_inputs = ("kd_mask", "dataset")
     runtime_args = ("student_tokenizer", "teacher_tokenizer", "student_processor")
     demo = "vlmdistill.eval.experiments.lingudistill:main"
-    recipe_builders = "vlmdistill.plugins.lingudistill.recipes"
+    recipe_builders = "vlmdistill.eval.experiments.lingudistill_recipes"
 
     def __init__(self, config: LinguDistillConfig, **runtime: Any) -> None:
         super().__init__(config, **runtime)
