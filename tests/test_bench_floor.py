@@ -75,8 +75,8 @@ def test_lingudistill_teacher_needs_are_what_the_plugin_runs():
     plan = wrapped.plugin.plan(batch, {})
     layout = plan.state.layout
     assert layout.num_queries == need["tokens"] and layout.num_distilled == need["head_rows"]
-    masks = PackedAttention(layout, "cpu", full_length=False).row_masks()
-    assert sum(int(allowed.sum()) for allowed, _ in masks) == need["pairs"]
+    blocks = PackedAttention(layout, "cpu", full_length=False).blocks()
+    assert sum(int(block.allowed.sum()) for block in blocks) == need["pairs"]
     assert need["head_rows"] == 2 * preset.supervised
 
 

@@ -4,6 +4,7 @@
     vlmdistill train RECIPE.yaml [--set training.max_steps=10 ...] [--dry-run]
     vlmdistill demo [PLUGIN] [-- demo arguments]     (default: lingudistill)
     vlmdistill eval elevater ...        zero-shot evaluation (see `vlmdistill eval elevater -h`)
+    vlmdistill eval str ...             text-recognition word accuracy on LMDB benchmarks
 
 Plugins may add sub-commands through their `commands` attribute ({"name": "module:function"}).
 """
@@ -78,11 +79,16 @@ def cmd_demo(args) -> int:
 def _add_eval(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="evaluation harnesses")
     inner = parser.add_subparsers(dest="harness", required=True)
+    # each harness on its own: one that cannot be imported does not hide the other
     try:
         from vlmdistill.eval.elevater.cli import add_elevater_parser
     except ImportError:
-        return
-    add_elevater_parser(inner)
+        pass
+    else:
+        add_elevater_parser(inner)
+    from vlmdistill.eval.text_recognition import add_str_parser   # imports only the standard library
+
+    add_str_parser(inner)
 
 
 def _plugin_commands() -> dict[str, str]:

@@ -101,6 +101,8 @@ class DistillationModel(nn.Module):
         self._term_steps = 0
         self._detached = False
         self._keep_aliases = False
+        #: whether the last optimizer step ended a training stage (see `step_end`)
+        self.stage_ended = False
         # Tied weights share storage; safetensors (used by the Trainer's checkpoints) refuses that.
         self.register_state_dict_post_hook(_drop_aliases_hook)
         self.register_load_state_dict_pre_hook(_restore_aliases_hook)
@@ -187,21 +189,27 @@ class DistillationModel(nn.Module):
         return not skip
 
     # ------------------------------------------------------------ step & logs
-    def step_end(self, skipped: bool = False) -> None:
+    def step_end(self, skipped: bool = False) -> bool:
         """Per-optimizer-step work (EMA, schedules, queues, stage switches). Call once after each
         `optimizer.step()` in a hand-written loop; `DistillationCallback` does it under the Trainer.
 
         A step the optimizer did not take (`skipped`: e.g. a mixed-precision overflow, or a non-finite loss under
-        `on_nonfinite='skip'`) does no plugin work and does not advance `global_step`."""
+        `on_nonfinite='skip'`) does no plugin work and does not advance `global_step`.
+
+        Returns True when this step ended a training stage (`plugin.stage_boundaries()`): the next step belongs to
+        a stage that wants a fresh optimizer state and schedule (`vlmdistill.stages.reset_optimizer_state`)."""
         decided = self._skip_decided if self._skip_decided is not None else self._nonfinite_seen
         self._nonfinite_seen, self._skip_decided = False, None
+        self.stage_ended = False
         if skipped or decided:
             self.plugin.on_step_skipped()
-            return
+            return False
         with torch.no_grad():
             self.plugin.global_step += 1
         self._term_steps += 1
         self.plugin.on_step_end()
+        self.stage_ended = int(self.plugin.global_step) in self.plugin.stage_boundaries()
+        return self.stage_ended
 
     def _record_terms(self, terms: dict[str, float], *, window_normalised: bool) -> None:
         terms = {name: value for name, value in terms.items() if name != "loss"}

@@ -9,6 +9,7 @@ adapters, heads — registered normally, so the optimiser sees them) and keeps e
     attach(student, hooks)           register hooks / attention functions
     forward(student, inputs, ...)    one training micro-batch -> DistillationResult
     on_step_end()                    once per optimizer step (EMA, schedules, queues, stages)
+    stage_boundaries()               steps after which a new stage starts a fresh optimizer and schedule
     detach(student)                  undo `attach` exactly (hooks are removed by the wrapper)
 """
 
@@ -191,6 +192,12 @@ class DistillationPlugin(nn.Module):
 
     def on_step_end(self) -> None:
         """Per-optimizer-step work. `global_step` already counts the step just taken."""
+
+    def stage_boundaries(self) -> tuple[int, ...]:
+        """Optimizer steps after which a new training stage begins with a fresh optimizer state and its own
+        learning-rate schedule, warm-up included (`vlmdistill.stages`; `DistillationTrainer` applies it). A
+        function of the config only, so a resumed run finds the same boundaries. Default: one stage."""
+        return ()
 
     def on_step_skipped(self) -> None:
         """The optimizer did not take this step (mixed-precision overflow, or a non-finite loss under

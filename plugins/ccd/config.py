@@ -27,11 +27,12 @@ class ViewConfig(PluginConfig):
     rotate_degrees: tuple[float, float] = option((-10.0, 10.0), "rotation range in degrees")
     shear_x_degrees: tuple[float, float] = option((-45.0, 45.0), "horizontal shear range in degrees")
     shear_y_degrees: tuple[float, float] = option((-10.0, 10.0), "vertical shear range in degrees")
-    photometric: bool = option(True, "apply photometric augmentation (colour, blur, contrast, noise) to both views")
+    photometric: bool = option(True, "apply the reference's photometric augmentation to both views (photometric.py)")
     photometric_skip_probability: float = option(
         0.2, "probability that a view gets no photometric augmentation at all", ge=0.0, le=1.0)
-    photometric_op_probability: float = option(
-        0.7, "probability of each photometric stage (noise/invert, colour, blur, contrast)", ge=0.0, le=1.0)
+    photometric_stage_probability: float = option(
+        0.7, "probability of each of the colour, blur, contrast and weather stages of an augmented view (the "
+             "arithmetic stage always applies)", ge=0.0, le=1.0)
 
     def validate(self, where=None):
         super().validate(where)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import torch
@@ -10,8 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import describe_backbone, patch_tokens
+from .vit import CCDViT
 
 DEFAULT_CHARSET = "0123456789abcdefghijklmnopqrstuvwxyz"
+ENCODER_DIR = "encoder"
+HEAD_NAME = "ctc_head.safetensors"
+RECOGNIZER_CONFIG = "recognizer.json"
 
 
 def _plugin_of(wrapped: nn.Module):
@@ -105,3 +110,43 @@ class CTCRecognizer(nn.Module):
     @torch.no_grad()
     def decode(self, pixel_values: torch.Tensor) -> list[str]:
         return self.greedy_decode(self(pixel_values))
+
+    # ------------------------------------------------------------------------------- persistence
+    def save_pretrained(self, directory: str) -> None:
+        """`encoder/` in the encoder's native format, the head in `ctc_head.safetensors`, and `recognizer.json`
+        (charset, encoder kind): what `vlmdistill eval str --model DIR` loads."""
+        from vlmdistill.io import save_student, save_tensors
+
+        os.makedirs(directory, exist_ok=True)
+        save_student(self.encoder, os.path.join(directory, ENCODER_DIR))
+        head = {f"norm.{k}": v for k, v in self.norm.state_dict().items()}
+        head.update({f"classifier.{k}": v for k, v in self.classifier.state_dict().items()})
+        save_tensors(head, os.path.join(directory, HEAD_NAME))
+        kind = "ccd_vit" if isinstance(self.encoder, CCDViT) else "transformers"
+        with open(os.path.join(directory, RECOGNIZER_CONFIG), "w") as fh:
+            json.dump({"charset": self.charset, "encoder": kind}, fh, indent=2)
+            fh.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "CTCRecognizer":
+        from vlmdistill.errors import DataError
+        from vlmdistill.io import load_tensors
+
+        config_path = os.path.join(directory, RECOGNIZER_CONFIG)
+        if not os.path.isfile(config_path):
+            raise DataError(f"{directory}: no {RECOGNIZER_CONFIG}; not a recogniser saved by "
+                            "CTCRecognizer.save_pretrained")
+        with open(config_path) as fh:
+            meta = json.load(fh)
+        encoder_dir = os.path.join(directory, ENCODER_DIR)
+        if meta.get("encoder") == "ccd_vit":
+            encoder = CCDViT.from_pretrained(encoder_dir)
+        else:
+            from transformers import AutoModel
+
+            encoder = AutoModel.from_pretrained(encoder_dir, local_files_only=True)
+        recogniser = cls(encoder, meta["charset"])
+        head = load_tensors(os.path.join(directory, HEAD_NAME))
+        recogniser.norm.load_state_dict({k[5:]: v for k, v in head.items() if k.startswith("norm.")})
+        recogniser.classifier.load_state_dict({k[11:]: v for k, v in head.items() if k.startswith("classifier.")})
+        return recogniser.eval()

@@ -1,6 +1,6 @@
 """The two views of each unlabeled image, sampled deterministically per sample.
 
-* regular view: photometric augmentation only (same geometry as the input);
+* regular view: photometric augmentation only (same geometry as the input; `photometric.py`);
 * irregular view: an independent photometric augmentation warped by a random affine map (probability
   `affine_probability`), else the un-augmented image with the identity matrix.
 
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ViewConfig
+from .photometric import apply_photometric, sample_photometric
 
 _MASK64 = (1 << 64) - 1
 
@@ -97,135 +98,6 @@ def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-# --------------------------------------------------------------------------------------- photometric
-@dataclasses.dataclass
-class Photometric:
-    """One view's photometric parameters (neutral values = no-op)."""
-
-    multiply: float = 1.0
-    noise_std: float = 0.0
-    invert: bool = False
-    dropout: float = 0.0
-    brightness: float = 1.0
-    saturation: float = 1.0
-    channel_order: tuple[int, int, int] = (0, 1, 2)
-    blur_sigma: float = 0.0
-    sharpen: float = 0.0
-    gamma: float = 1.0
-    contrast: float = 1.0
-    seed: int = 0  # of the per-pixel noise / dropout draws
-
-
-def sample_photometric(rng: np.random.Generator, cfg: ViewConfig) -> Photometric:
-    """Stages in the order of the paper's pipeline (arithmetic, colour, blur, contrast); each stage picks one op."""
-    p = Photometric(seed=int(rng.integers(0, 2**63 - 1)))
-    if not cfg.photometric or rng.random() < cfg.photometric_skip_probability:
-        return p
-    stage = lambda: rng.random() < cfg.photometric_op_probability  # noqa: E731
-    if stage():
-        op = int(rng.integers(4))
-        if op == 0:
-            p.noise_std = float(rng.uniform(0.0, 0.2))
-        elif op == 1:
-            p.multiply = float(rng.uniform(0.5, 1.5))
-        elif op == 2:
-            p.invert = True
-        else:
-            p.dropout = float(rng.uniform(0.0, 0.1))
-    if stage():
-        op = int(rng.integers(4))
-        if op == 0:
-            p.brightness = float(rng.uniform(0.5, 1.5))
-        elif op == 1:
-            p.saturation = float(rng.uniform(0.5, 1.5))
-        elif op == 2:
-            p.saturation = 1.0 - float(rng.uniform(0.0, 1.0))  # grayscale blend
-        else:
-            p.channel_order = tuple(int(c) for c in rng.permutation(3))
-    if stage():
-        if rng.random() < 0.5:
-            p.blur_sigma = float(rng.uniform(0.5, 1.5))
-        else:
-            p.sharpen = float(rng.uniform(0.0, 0.5))
-    if stage():
-        if rng.random() < 0.5:
-            p.gamma = float(rng.uniform(0.5, 2.0))
-        else:
-            p.contrast = float(rng.uniform(0.5, 1.0))
-    return p
-
-
-_LAPLACE = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
-
-
-def _filter_kernel(p: Photometric, k: int = 5) -> torch.Tensor:
-    kernel = torch.zeros(k, k, dtype=torch.float64)
-    if p.blur_sigma > 0:
-        ax = torch.arange(k, dtype=torch.float64) - k // 2
-        g = torch.exp(-(ax ** 2) / (2 * p.blur_sigma ** 2))
-        kernel = torch.outer(g, g)
-        return kernel / kernel.sum()
-    kernel[k // 2, k // 2] = 1.0
-    if p.sharpen > 0:
-        kernel[k // 2 - 1:k // 2 + 2, k // 2 - 1:k // 2 + 2] += p.sharpen * _LAPLACE.double()
-    return kernel
-
-
-def apply_photometric(images: torch.Tensor, params: list[Photometric]) -> torch.Tensor:
-    """Apply per-sample photometric parameters to `[B, C, H, W]` images in [0, 1], batched.
-
-    A stage no sample uses is skipped, and a sample with neutral parameters is passed through by `where`, so
-    each sample's output is bit-identical whatever else is in its batch.
-    """
-    b, c, h, w = images.shape
-    dev, dt = images.device, images.dtype
-    col = lambda values: torch.tensor(values, device=dev, dtype=dt).view(b, 1, 1, 1)  # noqa: E731
-    on = lambda flags: torch.tensor(flags, device=dev).view(b, 1, 1, 1)  # noqa: E731
-    x = images
-    # arithmetic: multiply, additive noise, pixel dropout, invert
-    if any(p.multiply != 1 for p in params):
-        x = x * col([p.multiply for p in params])
-    if any(p.noise_std > 0 or p.dropout > 0 for p in params):
-        noise = np.zeros((b, c, h, w), dtype=np.float32)
-        keep = np.ones((b, 1, h, w), dtype=np.float32)
-        for i, p in enumerate(params):
-            if p.noise_std > 0 or p.dropout > 0:
-                rng = np.random.default_rng(p.seed)
-                if p.noise_std > 0:
-                    noise[i] = rng.standard_normal((c, h, w), dtype=np.float32) * p.noise_std
-                if p.dropout > 0:
-                    keep[i] = rng.random((1, h, w), dtype=np.float32) >= p.dropout
-        x = (x + torch.from_numpy(noise).to(dev, dt)) * torch.from_numpy(keep).to(dev, dt)
-    x = x.clamp(0, 1)
-    if any(p.invert for p in params):
-        x = torch.where(on([p.invert for p in params]), 1 - x, x)
-    # colour: brightness, channel order, saturation / grayscale blend
-    if any(p.brightness != 1 for p in params):
-        x = (x * col([p.brightness for p in params])).clamp(0, 1)
-    if c == 3 and any(p.channel_order != (0, 1, 2) for p in params):
-        order = torch.tensor([p.channel_order for p in params], device=dev).view(b, 3, 1, 1).expand(b, 3, h, w)
-        x = torch.gather(x, 1, order)
-    if c == 3 and any(p.saturation != 1 for p in params):
-        gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-        blended = (gray + col([p.saturation for p in params]) * (x - gray)).clamp(0, 1)
-        x = torch.where(on([p.saturation != 1 for p in params]), blended, x)
-    # blur / sharpen: one depthwise 5x5 conv with a kernel per sample
-    filtered = [p.blur_sigma > 0 or p.sharpen > 0 for p in params]
-    if any(filtered):
-        kernels = torch.stack([_filter_kernel(p) for p in params]).to(dev, dt)
-        kernels = kernels.repeat_interleave(c, dim=0).unsqueeze(1)
-        padded = F.pad(x.reshape(1, b * c, h, w), (2, 2, 2, 2), mode="replicate")
-        out = F.conv2d(padded, kernels, groups=b * c).view(b, c, h, w).clamp(0, 1)
-        x = torch.where(on(filtered), out, x)
-    # contrast: gamma, linear contrast about mid-grey
-    if any(p.gamma != 1 for p in params):
-        x = torch.where(on([p.gamma != 1 for p in params]), x.clamp_min(1e-6) ** col([p.gamma for p in params]), x)
-    if any(p.contrast != 1 for p in params):
-        stretched = (0.5 + col([p.contrast for p in params]) * (x - 0.5)).clamp(0, 1)
-        x = torch.where(on([p.contrast != 1 for p in params]), stretched, x)
-    return x
-
-
 # -------------------------------------------------------------------------------------------- views
 @dataclasses.dataclass
 class TwoViews:
@@ -239,8 +111,10 @@ def make_views(images: torch.Tensor, seeds: list[int], cfg: ViewConfig) -> TwoVi
     """Both views of `[B, C, H, W]` images in [0, 1]; sample i depends only on `seeds[i]` and its image."""
     b, _, h, w = images.shape
     rngs = [np.random.default_rng(s) for s in seeds]
-    regular_params = [sample_photometric(rng, cfg) for rng in rngs]
-    irregular_params = [sample_photometric(rng, cfg) for rng in rngs]
+    draw = lambda rng: sample_photometric(rng, cfg.photometric_skip_probability,  # noqa: E731
+                                          cfg.photometric_stage_probability, cfg.photometric)
+    regular_params = [draw(rng) for rng in rngs]
+    irregular_params = [draw(rng) for rng in rngs]
     thetas = [sample_affine(rng, cfg, (h, w)) for rng in rngs]
     warped = torch.tensor([t is not None for t in thetas], device=images.device)
     theta = torch.from_numpy(np.stack([t if t is not None else np.eye(3) for t in thetas])).to(images.device,

@@ -123,6 +123,7 @@ class ImageTextShards(torch.utils.data.IterableDataset):
     under the HF Trainer / accelerate, which split the stream themselves).
     teacher_transform: the teacher's own preprocessing, when it differs (samples then carry
     `teacher_pixel_values`, the same crop seen the teacher's way).
+    teacher_tokenizer: the teacher's own tokenizer, when it differs (samples then carry `teacher_input_ids`).
     on_error: 'skip' — a missing or corrupt shard, or an undecodable sample, is logged with its shard
     name and counted in `stats.skipped_samples`, and the pass goes on; 'stop' — raise `DataError`
     naming the shard.
@@ -132,7 +133,8 @@ class ImageTextShards(torch.utils.data.IterableDataset):
                  max_length: int | None = None, shuffle_buffer: int = 0, shardshuffle: int | bool = False,
                  seed: int = 0, on_error: Literal["skip", "stop"] = "skip", augmentation_seeds: int = 1,
                  languages: Sequence[str] | None = None, split_by_node: bool = False,
-                 teacher_transform: Callable | None = None) -> None:
+                 teacher_transform: Callable | None = None, teacher_tokenizer: Any = None,
+                 teacher_style: Style = "hf", teacher_max_length: int | None = None) -> None:
         super().__init__()
         if on_error not in ("skip", "stop"):
             raise ConfigError(f"on_error={on_error!r}; valid: ['skip', 'stop']")
@@ -152,6 +154,8 @@ class ImageTextShards(torch.utils.data.IterableDataset):
         self.languages = set(languages) if languages else None
         self.split_by_node = bool(split_by_node)
         self.teacher_transform = teacher_transform
+        self.teacher_tokenizer, self.teacher_style = teacher_tokenizer, teacher_style
+        self.teacher_max_length = teacher_max_length
         self.epoch = 0
         self.stats = LoaderStats()
 
@@ -169,6 +173,8 @@ class ImageTextShards(torch.utils.data.IterableDataset):
                    "max_length": self.max_length, "augmentation_seeds": self.augmentation_seeds}
         if self.teacher_transform is not None:
             payload["teacher_transform"] = self.teacher_transform.describe()
+        if self.teacher_tokenizer is not None:
+            payload["teacher_tokenizer"] = tokenizer_identity(self.teacher_tokenizer)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
     # ------------------------------------------------------------------ errors
@@ -249,6 +255,10 @@ class ImageTextShards(torch.utils.data.IterableDataset):
                     "caption": decoded["caption"], "language": decoded["language"]}
             if self.teacher_transform is not None:
                 item["teacher_pixel_values"] = self.teacher_transform(decoded["image"], key, augmentation_seed)
+            if self.teacher_tokenizer is not None:
+                item["teacher_input_ids"] = tokenize_caption(self.teacher_tokenizer, decoded["caption"],
+                                                             style=self.teacher_style,
+                                                             max_length=self.teacher_max_length)
             yield item
 
 
