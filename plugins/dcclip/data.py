@@ -35,6 +35,7 @@ from PIL import Image
 from vlmdistill.data.image_text import (OPENAI_MEAN, OPENAI_STD, ClipImageTransform,  # noqa: F401 (re-exported)
                                         ImageTextCollator, Style, tokenize_caption)
 from vlmdistill.errors import ConfigError, DataError
+from vlmdistill.extras import require
 
 logger = logging.getLogger("vlmdistill.dcclip.data")
 
@@ -66,7 +67,7 @@ def _encode_image(image: Any, image_format: str) -> bytes:
 def write_image_text_shards(samples: Iterable[ImageTextSample], directory: str, *, samples_per_shard: int = 1000,
                             image_format: Literal["png", "jpg"] = "png") -> str:
     """Write `shard-00000.tar`, ... and `shards.json`; returns the manifest path."""
-    import webdataset as wds
+    wds = require("webdataset", "writing webdataset shards")
 
     os.makedirs(directory, exist_ok=True)
     counts: collections.Counter = collections.Counter()
@@ -216,7 +217,7 @@ class ImageTextShards(torch.utils.data.IterableDataset):
         return {"image": image, "caption": raw["txt"].decode("utf-8"), "language": language}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
+        wds = require("webdataset", "reading webdataset shards")
 
         self.stats = LoaderStats()
         seed = self.seed + self.epoch
