@@ -10,10 +10,7 @@ Per plugin (its contract case, 3 optimizer steps on half of each global batch pe
   and the logged terms. Placement 'replicate' (a full teacher per rank; EMA teachers updated from the gathered
   student) or 'partition' (the external teacher partitioned too, `vlmdistill.zero3.partition_teacher`);
 * `export-<plugin>/`: `save_pretrained` of the partitioned model (gathered module by module, written by rank 0),
-  and whether the raw student state dict was empty (what a plain save would silently write);
-* `trainer-<plugin>.pt`: the HF Trainer with `TrainingArguments(deepspeed=vlmdistill.zero3.zero3_config())`
-  (accelerate's DeepSpeed path): losses of 4 uninterrupted steps, of 2 steps saved as a DeepSpeed checkpoint, and
-  of the 2 steps resumed from it; and the wrapper's gathered state at the end of both runs.
+  and whether the raw student state dict was empty (what a plain save would silently write).
 """
 
 import os
