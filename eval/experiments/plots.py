@@ -66,14 +66,14 @@ def plot_dcclip(results: dict, path: str):
     return figure
 
 
-MSD_LABELS = {"clip-b": "CLIP b", "clip-Mb": "CLIP M·b", "clip-b-accum": "CLIP b×M accum.",
-              "msd-b-accum": "MSD b×M accum.", "msd-b-accum-k0": "MSD, no queue"}
+MSD_LABELS = {"clip-b": "CLIP b", "clip-b-accum": "CLIP b×M accum.", "msd": "MSD b×M", "clip-Mb": "CLIP M·b",
+              "msd-alpha0": "MSD, α 0", "msd-queue": "MSD, queue"}
 
 
 def plot_msd(report: dict, path: str):
     summary = report["summary"]
     kinds = list(summary)
-    panels = (("zero_shot_acc", "zero-shot accuracy", True), ("probe_acc", "few-shot probe accuracy", True),
+    panels = (("i2t_r1", "image→text R@1", True), ("probe_auc", "5-shot probe AUC", True),
               ("saved_activations_mb", "saved activations (MB)", False))
     panels = [p for p in panels if any(p[0] in summary[k] for k in kinds)]
     figure, axes = new_figure(1, len(panels), width=3.4, height=3.2)
