@@ -84,7 +84,11 @@ def test_train_recipe_runs_both_stages_from_the_cache(recipe_path, tmp_path):
 
 def test_demo_recipe_is_valid():
     recipe = load_recipe(os.path.join(REPO, "configs", "dcclip", "demo.yaml"))
-    assert recipe.plugin == "dcclip" and recipe.config["switch_at_step"] * 2 == recipe.training["max_steps"]
+    from vlmdistill.eval.experiments.dcclip import STUDENT_STEPS
+
+    # the demo's embedding-term arm: its steps, a third of them in stage 1 (the share chosen on validation)
+    assert recipe.plugin == "dcclip" and recipe.training["max_steps"] == STUDENT_STEPS
+    assert recipe.config["switch_at_step"] == round(STUDENT_STEPS / 3) and recipe.config["embedding_weight"] == 1.0
 
 
 def test_shard_pipeline_takes_the_students_image_size(recipe_path, tmp_path):

@@ -44,7 +44,8 @@ def _dcclip(tmp_path):
     teacher = demo.export(demo.make_clip(demo.TEACHER, len(data["tokenizer"]), seed=1), data["tokenizer"],
                           os.path.join(work, "teacher"))
     tok = os.path.join(work, "tokenizer")
-    return [f"student.kwargs.tokenizer={tok}", f"teacher.path={teacher}", f"data.kwargs.shards={data['shards']}",
+    shards = data["paths"]["student"]
+    return [f"student.kwargs.tokenizer={tok}", f"teacher.path={teacher}", f"data.kwargs.shards={shards}",
             f"data.kwargs.tokenizer={tok}", "data.kwargs.shuffle_buffer=64", "config.teacher_cache=null",
             "config.switch_at_step=3", "training.per_device_train_batch_size=8"]
 

@@ -140,6 +140,8 @@ class DistillationModel(nn.Module):
         if self.training and not self._inputs_checked:
             _check_finite_inputs({**inputs, **extras})
             self._inputs_checked = True
+        if self.training:
+            self._frozen_hook.track_zero3(self)
         result = self.plugin(self.student, inputs, extras, num_items)
         output = result.output
         if result.loss is not None:

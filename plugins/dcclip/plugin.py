@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmdistill.data.image_text import decode_keys
-from vlmdistill.distributed import gathered_parameters
+from vlmdistill.distributed import gathered_parameters, is_zero3
 from vlmdistill.errors import ConfigError, DataError, IncompatibleTeacherError, UnsupportedModelError
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
 
@@ -165,7 +165,9 @@ class DCCLIPPlugin(DistillationPlugin):
         and a sharded checkpoint taken in either stage loads strictly. Read right before each optimizer step, after
         backward and any DDP / FSDP2 gradient reduction: a parameter no rank used has no gradient there."""
         student = self._student.parameters() if self._student is not None else ()
-        return [p for p in (*self.parameters(), *student) if p.requires_grad and p.grad is None]
+        # ZeRO-3 keeps every gradient in its partitions (`.grad` is always None there); the wrapper finds the
+        # parameters without one itself (`vlmdistill.frozen`).
+        return [p for p in (*self.parameters(), *student) if p.requires_grad and p.grad is None and not is_zero3(p)]
 
     def _teacher_tokenizer_differs(self) -> bool:
         s_tok, t_tok = self.runtime.get("student_tokenizer"), self.runtime.get("teacher_tokenizer")
