@@ -9,8 +9,8 @@ labels twice, with the same settings and steps: CCD (`instances="characters"`) a
   the head learns from are shown as a reference);
 * a character probe: a linear classifier on the frozen encoder's features pooled in each ground-truth character
   box (weight decay chosen on the validation split);
-* a CTC recogniser fine-tuned on 10% of the labels from random initialisation, from CCD and from the slice
-  baseline (the step is chosen on the validation split), and, for reference, from scratch on all labels;
+* with `--finetune`, a CTC recogniser fine-tuned on 10% of the labels from random initialisation, from CCD and
+  from the slice baseline (the step is chosen on the validation split), and from scratch on all labels;
 * the collapse monitor: the teacher's entropy during pretraining and the entropy of its mean output on validation
   characters (uniform outputs: ln(out_dim); one prototype for all: 0).
 
@@ -252,7 +252,7 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, with_finetune: b
     t0 = time.time()
     data = _data(s)
     pre, val, test = data["pretrain"], data["validation"], data["test"]
-    labelled = {k: (v[:s["labelled"]] if not isinstance(v, list) else v[:s["labelled"]]) for k, v in pre.items()}
+    labelled = {k: v[:s["labelled"]] for k, v in pre.items()}   # the first images of the pretraining set
     pseudo_iou = iou(pseudo_text_masks(_unit(to_pixel_values(test["images"])).clamp(0, 1)),
                      torch.from_numpy(test["masks"]))
     print(f"rendered {len(pre['words'])} unlabeled / {len(val['words'])} validation / {len(test['words'])} test "
