@@ -29,7 +29,6 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule
@@ -86,11 +85,10 @@ def resume(out_dir: str, plugin: str, rank: int, world: int) -> None:
     case, wrapped, optimizer = sharded(plugin, "shard")
     model_state, optim_state = get_state_dict(wrapped, optimizer)
     checkpoint = {"model": model_state, "optim": optim_state}
-    # DCP's optimizer template has a state for every trainable parameter; parameters that never had a gradient
-    # (dcclip's logit scale in stage 1: no update at all, not a zero one) have none saved and keep the template's
-    # (zero momentum: the same first update as a fresh SGD).
-    dcp.load(checkpoint, checkpoint_id=os.path.join(out_dir, f"dcp-{plugin}"),
-             planner=DefaultLoadPlanner(allow_partial_load=True))
+    # Strict: DCP's optimizer template has a state for every trainable parameter, and so does the checkpoint, also
+    # for the parameters a plugin holds still (dcclip's logit scale in stage 1, ccd's frozen prototypes): they
+    # get no update but a fresh optimizer state (`frozen_parameters()`, vlmdistill.frozen).
+    dcp.load(checkpoint, checkpoint_id=os.path.join(out_dir, f"dcp-{plugin}"))
     set_state_dict(wrapped, optimizer, model_state_dict=checkpoint["model"], optim_state_dict=checkpoint["optim"])
     train_steps(wrapped, wrapped, case, optimizer, [1, 2], rank=rank, world=world)
     save(out_dir, f"resume-{plugin}.pt", {"state": full_state_dict(wrapped)})
@@ -121,9 +119,8 @@ def accelerate_path(out_dir: str, plugin: str, state_dict_type: str, rank: int, 
               "sharded_blocks": sum(isinstance(m, FSDPModule) for m in blocks)}
     train_steps(model, model, case, optimizer, range(3), rank=rank, world=world)
     after_three = {k: v.clone() for k, v in full_state_dict(model).items()}  # buffers come by reference
-    # Checkpoint after step 3, resume for a 4th step. (accelerate's optimizer loader builds its template with a
-    # state for every trainable parameter; a parameter that never had a gradient yet, like dcclip's logit scale
-    # in stage 1, has none in the checkpoint: see the DCP resume scenario, taken in stage 1, for that case.)
+    # Checkpoint after step 3, resume for a 4th step (accelerate's optimizer loader builds its template with a
+    # state for every trainable parameter; the DCP resume scenario covers a checkpoint taken in dcclip's stage 1).
     checkpoint = os.path.join(out_dir, f"accelerate-{plugin}")
     save_fsdp_model(fsdp_plugin, accelerator, model, checkpoint)
     save_fsdp_optimizer(fsdp_plugin, accelerator, optimizer, model, checkpoint)

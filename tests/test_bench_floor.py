@@ -75,8 +75,8 @@ def test_lingudistill_teacher_needs_are_what_the_plugin_runs():
     plan = wrapped.plugin.plan(batch, {})
     layout = plan.state.layout
     assert layout.num_queries == need["tokens"] and layout.num_distilled == need["head_rows"]
-    masks = PackedAttention(layout, "cpu", full_length=False).row_masks()
-    assert sum(int(allowed.sum()) for allowed, _ in masks) == need["pairs"]
+    blocks = PackedAttention(layout, "cpu", full_length=False).blocks()
+    assert sum(int(block.allowed.sum()) for block in blocks) == need["pairs"]
     assert need["head_rows"] == 2 * preset.supervised
 
 
@@ -94,13 +94,16 @@ def test_preset_benchmarks_report_floor_and_memory_per_arm(tmp_path, capsys):
     from vlmdistill.eval.bench import bench_kd, bench_lingudistill
 
     assert bench_lingudistill.main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--threads", "1",
-                                    "--teacher-pass", "--out", str(tmp_path)]) == 0
+                                    "--teacher-pass", "--breakdown", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench_lingudistill.json").read_text())
     assert set(result["rss"]) == {"plain", "torch"} and result["rss"]["torch"]["peak"] > 0
     assert result["teacher_pass"]["cpu"]["n"] == 1
+    phases = result["breakdown"]
+    assert set(phases["plain"]) == {"student forward", "backward", "optimizer"}
+    assert set(phases["lingudistill"]) == set(bench_lingudistill.PHASES) and phases["lingudistill"]["teacher pass"] > 0
     assert bench_kd.main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--memory",
                           "--json", str(tmp_path / "kd.json")]) == 0
     kd = json.loads((tmp_path / "kd.json").read_text())
     assert set(kd["rss"]) == {"plain", "kd"} and kd["floor"]["floor"] > 1.0
     out = capsys.readouterr().out
-    assert "floor from the shapes" in out and "resident memory" in out
+    assert "floor from the shapes" in out and "resident memory" in out and "| teacher pass |" in out

@@ -39,7 +39,7 @@ def test_teacher_gets_no_gradients_and_moves_only_at_step_end():
     w = wrapped_tiny()
     w.train()
     out = w(**batch())
-    assert out.loss_terms["paired_characters"] > 2
+    assert out.metrics["paired_characters"] > 2
     out.loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in teacher_tensors(w))
     assert w.student.pos_embed.grad is not None and w.plugin.student_head.mlp[0].weight.grad is not None
@@ -156,10 +156,10 @@ def test_masks_switch_from_pseudo_to_predicted():
     with torch.no_grad():  # a segmentation head that calls everything background
         w.plugin.seg_head.classify.bias.copy_(torch.tensor([50.0, -50.0]))
     w.train()
-    assert w(**batch()).loss_terms["paired_characters"] > 2  # k-means characters
+    assert w(**batch()).metrics["paired_characters"] > 2  # k-means characters
     w.step_end()
     out = w(**batch())
-    assert out.loss_terms["paired_characters"] == 0  # the student's own (empty) prediction
+    assert out.metrics["paired_characters"] == 0  # the student's own (empty) prediction
     out.loss.backward()  # still a valid graph: the head gets zero gradient
     assert w.plugin.student_head.mlp[0].weight.grad.abs().sum() == 0
 
@@ -173,7 +173,7 @@ def test_timm_vit_attaches_through_hooks():
     assert w.plugin.spec.kind == "timm" and w.plugin.spec.input_name == "x"
     data = batch()
     out = w(x=data["pixel_values"], ccd_seed=data["ccd_seed"])
-    assert out.loss_terms["paired_characters"] > 2
+    assert out.metrics["paired_characters"] > 2
     out.loss.backward()
     assert vit.blocks[0].attn.qkv.weight.grad is not None
     assert vlmdistill.unwrap(w) is vit and not any(m._forward_hooks for m in vit.modules())
@@ -258,7 +258,7 @@ def test_trocr_style_deit_encoder_with_two_prefix_tokens():
     w = vlmdistill.wrap(deit, plugin="ccd", **CONFIG)
     out = w(**batch())
     assert out.last_hidden_state.shape == (8, 258, 32)  # both views; CLS + distillation token + 256 patches
-    assert out.loss_terms["paired_characters"] > 2
+    assert out.metrics["paired_characters"] > 2
     out.loss.backward()
     assert deit.embeddings.position_embeddings.grad is not None
     with pytest.raises(UnsupportedModelError):
@@ -314,9 +314,9 @@ def test_slice_instances_pair_strips_by_position():
     w = wrapped_tiny(instances="slices", slices=4)
     w.train()
     out = w(**batch())
-    assert out.loss_terms["paired_characters"] == 4           # every strip of every image, even a blank one
+    assert out.metrics["paired_characters"] == 4           # every strip of every image, even a blank one
     assert torch.isfinite(out.loss) and out.loss_terms["distill"] > 0
-    assert 0 < out.loss_terms["teacher_entropy"] <= np.log(CONFIG["out_dim"]) + 1e-4
+    assert 0 < out.metrics["teacher_entropy"] <= np.log(CONFIG["out_dim"]) + 1e-4
     out.loss.backward()
     assert w.plugin.student_head.mlp[0].weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="instances.*characters, slices"):

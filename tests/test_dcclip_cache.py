@@ -128,3 +128,84 @@ def test_cache_directory_must_be_new(cache_dir):
     builder = vlmdistill.wrap(_student(), plugin="dcclip", teacher=_teacher())
     with pytest.raises(DataError, match="not empty"):
         builder.plugin.build_teacher_cache(_batches(1), cache_dir, progress=False)
+
+
+LOOKUP_MEMORY = """
+import json, os, sys
+from vlmdistill.plugins.dcclip.cache import TeacherFeatureCache
+
+def resident():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+cache = TeacherFeatureCache(sys.argv[1])
+cache.lookup(["s0_0", "s1_0"], [0, 0], None)  # first-use allocations of the libraries, not of the cache
+keys = [f"s{s}_{i}" for s in range(2) for i in (3, 40, 41, 90)]
+before = resident()
+features = cache.lookup(keys, [0] * len(keys), None)
+print(json.dumps({"grown": resident() - before, "sums": features.image_map.flatten(1).sum(1).tolist(),
+                  "open_files": cache.open_files}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident set size from /proc")
+def test_lookups_read_rows_not_whole_shards(tmp_path):
+    """Two shards of 48 MiB of image maps: looking up 8 samples spread over both reads 8 rows (4 MiB; ~20 MiB of
+    resident memory with the readers' buffers), where loading whole shards took 96 MiB. Measured in a fresh
+    process, whose allocator has not kept earlier blocks."""
+    import subprocess
+    import sys
+
+    from vlmdistill.plugins.dcclip.cache import TeacherCacheWriter
+    from vlmdistill.plugins.dcclip.features import TowerFeatures
+
+    per_shard = 96  # 128 x 32 x 32 fp32 = 512 KiB per sample
+    writer = TeacherCacheWriter(str(tmp_path / "cache"), samples_per_shard=per_shard)
+    sums = []
+    for shard in range(2):
+        maps = torch.randn(per_shard, 128, 32, 32, generator=torch.Generator().manual_seed(shard))
+        writer.add([f"s{shard}_{i}" for i in range(per_shard)], torch.zeros(per_shard, dtype=torch.long),
+                   TowerFeatures(image_map=maps), ids=None, pixels=None)
+        sums += maps[[3, 40, 41, 90]].flatten(1).sum(1).tolist()
+    writer.close()
+    run = subprocess.run([sys.executable, "-c", LOOKUP_MEMORY, str(tmp_path / "cache")], capture_output=True,
+                         text=True, check=True)
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    assert measured["sums"] == pytest.approx(sums, rel=1e-5)  # the right rows, in the batch's order
+    assert measured["grown"] < 40 * 2**20, f"resident memory grew by {measured['grown'] / 2**20:.0f} MiB"
+    assert measured["open_files"] == 2
+
+
+def test_cache_is_released_at_the_switch(cache_dir):
+    wrapped = vlmdistill.wrap(_student(), plugin="dcclip", config={**CONFIG, "teacher_cache": cache_dir,
+                                                                  "switch_at_step": 1}, data_fingerprint="pp-1",
+                              teacher=_teacher())
+    wrapped(**_batches()[0]).loss.backward()
+    cache = wrapped.plugin.cache
+    assert cache.open_files > 0
+    wrapped.step_end()
+    assert wrapped.plugin.cache is None and cache.open_files == 0
+    assert set(wrapped(**_batches()[1]).loss_terms) == {"contrastive"}
+
+
+def test_cache_records_the_teachers_tokenizer_and_refuses_another_student_tokenizer(tmp_path):
+    """Without a teacher at wrap time the cache is the teacher: token-level text distillation from it needs the
+    tokenizer its features were computed with."""
+    from vlmdistill.errors import IncompatibleTeacherError
+    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+    from vlmdistill.vocab import tokenizer_identity
+
+    teacher_tok = train_caption_tokenizer(["a photo of the digit one.", "数字一的照片。"], vocab_size=300)
+    other_tok = train_caption_tokenizer(["a handwritten nine.", "手写的九。"], vocab_size=300)
+    directory = str(tmp_path / "cache")
+    builder = vlmdistill.wrap(_student(), plugin="dcclip", teacher=_teacher(), config=CONFIG,
+                              student_tokenizer=teacher_tok, teacher_tokenizer=teacher_tok)
+    builder.plugin.build_teacher_cache(_batches(1), directory, progress=False)
+    manifest = json.load(open(os.path.join(directory, "manifest.json")))
+    assert manifest["teacher_tokenizer"] == tokenizer_identity(teacher_tok)
+    config = {**CONFIG, "teacher_cache": directory, "teacher_fingerprint": manifest["teacher_fingerprint"]}
+    with pytest.raises(IncompatibleTeacherError, match="differs from the tokenizer the cached teacher features"):
+        vlmdistill.wrap(_student(), plugin="dcclip", config=config, student_tokenizer=other_tok)
+    vlmdistill.wrap(_student(), plugin="dcclip", config=config, student_tokenizer=teacher_tok)
+    # pooled text embeddings allow any pair of tokenizers
+    vlmdistill.wrap(_student(), plugin="dcclip", config={**config, "text_level": "pooled"}, student_tokenizer=other_tok)

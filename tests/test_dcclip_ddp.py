@@ -1,5 +1,6 @@
 """Stage 2 under DDP: embeddings gathered with gradient, so two gloo processes with half a batch each
-get the gradient of one process with the whole batch (the generic DDP contract test covers stage 1)."""
+get the gradient of one process with the whole batch (the generic DDP contract test covers stage 1); with a
+ragged last batch (3 + 1 rows) as well, where an all-gather of unequal shapes used to fail or hang."""
 
 import pytest
 import torch
@@ -20,13 +21,14 @@ def _wrapped():
     return vlmdistill.wrap(tiny_hf_clip(hidden=16, layers=1, seed=1), plugin="dcclip", stage=2)
 
 
-def _worker(rank, world, init_file, out_path):
+def _worker(rank, world, init_file, out_path, first_rows):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         wrapped = _wrapped()
         model = torch.nn.parallel.DistributedDataParallel(wrapped)
-        local = {k: v[2 * rank:2 * rank + 2] for k, v in _batch().items()}
+        rows = slice(0, first_rows) if rank == 0 else slice(first_rows, 4)
+        local = {k: v[rows] for k, v in _batch().items()}
         out = model(**local)
         out.loss.backward()
         if rank == 0:
@@ -37,8 +39,9 @@ def _worker(rank, world, init_file, out_path):
 
 
 @pytest.mark.slow
-def test_stage2_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "rank0.pt")), nprocs=2, join=True)
+@pytest.mark.parametrize("first_rows", [2, 3], ids=["even", "ragged"])
+def test_stage2_two_processes_equal_one_process_with_the_whole_batch(tmp_path, first_rows):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "rank0.pt"), first_rows), nprocs=2, join=True)
     ddp = torch.load(tmp_path / "rank0.pt")
     single = _wrapped()
     out = single(**_batch())

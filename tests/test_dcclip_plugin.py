@@ -37,19 +37,49 @@ def test_gradients_reach_only_the_student_and_the_adapters():
     assert student.logit_scale.grad is None
 
 
-def test_idle_parameters_get_no_optimizer_update():
+def _fresh(optimizer, param) -> bool:
+    """The state a fresh Adam starts from (step 0, zero moments): there is one to checkpoint, and it has not moved."""
+    state = optimizer.state.get(param)
+    return bool(state) and int(state["step"]) == 0 and all(not v.any() for k, v in state.items() if k != "step")
+
+
+def test_idle_parameters_get_no_optimizer_update_and_start_stage_2_as_a_fresh_adam():
+    """Stage 1 leaves the logit scale, the projections and the vision pooling norm idle (no embedding term): AdamW
+    with weight decay must neither decay them nor advance their state, so that their first stage-2 update is a
+    fresh AdamW's, even in one optimizer run across the switch (the restart off). Stage 2 leaves the adapters idle."""
     student = tiny_hf_clip(hidden=16, layers=1, patch=8, seed=1)
     teacher = tiny_hf_clip(hidden=32, layers=2, patch=4, projection=24, seed=2)
-    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, embedding_weight=0.5)
-    before = student.logit_scale.detach().clone()
-    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    for seed in range(2):
-        wrapped(**_hf_batch(seed=seed)).loss.backward()
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, switch_at_step=3,
+                              restart_optimizer_at_switch=False)
+    idle = {"logit_scale": student.logit_scale, "visual_projection": student.visual_projection.weight,
+            "text_projection": student.text_projection.weight,
+            "post_layernorm": student.vision_model.post_layernorm.weight}
+    before = {name: p.detach().clone() for name, p in idle.items()}
+    lr, decay = 1e-2, 0.1
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=lr, weight_decay=decay)
+    for step in range(3):
+        wrapped(**_hf_batch(seed=step)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    # Neither decayed nor moved, and AdamW keeps no moments for it: stage 2 starts it like a fresh optimizer would.
-    assert torch.equal(student.logit_scale.detach(), before)
-    assert student.logit_scale not in optimizer.state
+        wrapped.step_end()
+        for name, p in idle.items():
+            assert torch.equal(p.detach(), before[name]), f"{name} moved in stage 1 (step {step})"
+            assert _fresh(optimizer, p), f"{name}'s AdamW state advanced in stage 1 (step {step})"
+    assert int(wrapped.plugin.stage) == 2
+    adapters = {name: p.detach().clone() for name, p in wrapped.plugin.adapters.named_parameters()}
+
+    wrapped(**_hf_batch(seed=3)).loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in idle.items()}
+    optimizer.step()
+    for name, p in idle.items():
+        reference = nn.Parameter(before[name].double())
+        reference.grad = grads[name].double()
+        torch.optim.AdamW([reference], lr=lr, weight_decay=decay).step()
+        assert not torch.equal(p.detach(), before[name]), name
+        torch.testing.assert_close(p.detach().double(), reference.detach(), rtol=1e-6, atol=1e-8, msg=name)
+        assert int(optimizer.state[p]["step"]) == 1, name
+    for name, p in wrapped.plugin.adapters.named_parameters():
+        assert p.grad is None and torch.equal(p.detach(), adapters[name]), f"adapter {name} moved in stage 2"
 
 
 FAMILY_PAIRS = [
@@ -200,3 +230,139 @@ def test_export_open_clip_student_loads_with_open_clip_alone(tmp_path):
 
     adapter = load_model(str(tmp_path / "ckpt"))
     assert adapter.kind == "open_clip" and adapter.encode_texts(["a photo of a seven"]).shape == (1, 16)
+
+
+# ------------------------------------------------------------------ end-of-text pooling of CLIP text towers
+
+def _captions():
+    return ["a photo of the digit seven.", "数字七的照片。", "a photo of the digit one.", "数字一的照片。"]
+
+
+def test_clip_text_tower_that_would_pool_a_word_is_refused():
+    """An XLM-R tokenizer's </s> is id 2, which transformers' CLIP reads as 'pool at the highest id' (a word)."""
+    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+
+    xlmr = train_caption_tokenizer(_captions(), vocab_size=300, layout="xlm-r")
+    student = tiny_hf_clip(vocab=len(xlmr), eos_token_id=xlmr.eos_token_id, pad_token_id=xlmr.pad_token_id, seed=1)
+    ids = xlmr(_captions()[0], return_tensors="pt")["input_ids"]
+    pooled = student.text_model.eos_token_id == 2 and int(ids.argmax(-1)) != ids.shape[1] - 1
+    assert pooled  # the trap is real: the legacy rule lands on a word, not on </s>
+    with pytest.raises(IncompatibleTeacherError, match="legacy rule 'pool at the highest token id'"):
+        vlmdistill.wrap(student, plugin="dcclip", stage=2, student_tokenizer=xlmr)
+    # a tower that pools the first token (AltCLIP's XLM-R) takes the same tokenizer
+    altclip = tiny_hf_clip("altclip", vocab=len(xlmr), pad_token_id=xlmr.pad_token_id, seed=1)
+    vlmdistill.unwrap(vlmdistill.wrap(altclip, plugin="dcclip", stage=2, student_tokenizer=xlmr))
+    # a config that pools at an id the tokenizer does not end captions with
+    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer as train
+
+    tok = train(_captions(), vocab_size=300)  # </eos> = 3
+    with pytest.raises(IncompatibleTeacherError, match=r"pools at token id 5 .* ends captions with id 3"):
+        vlmdistill.wrap(tiny_hf_clip(vocab=len(tok), eos_token_id=5, seed=1), plugin="dcclip", stage=2,
+                        student_tokenizer=tok)
+    # the teacher, which reads the student's ids unless it has its own tokenizer, is checked the same way
+    with pytest.raises(IncompatibleTeacherError, match="the teacher's CLIP text tower"):
+        vlmdistill.wrap(altclip, plugin="dcclip", text_level="pooled", student_tokenizer=xlmr,
+                        teacher=tiny_hf_clip(vocab=len(xlmr), eos_token_id=2, hidden=32, seed=2))
+
+
+def test_legacy_pooling_is_right_when_end_of_text_has_the_highest_id():
+    """OpenAI's CLIP checkpoints keep eos_token_id=2 in their config and work: their <|endoftext|> is the last id."""
+    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+
+    tok = train_caption_tokenizer(_captions(), vocab_size=300)
+    tok.add_special_tokens({"eos_token": "<|endoftext|>"})
+    assert tok.eos_token_id == len(tok) - 1
+    student = tiny_hf_clip(vocab=len(tok), eos_token_id=2, seed=1)
+    vlmdistill.unwrap(vlmdistill.wrap(student, plugin="dcclip", stage=2, student_tokenizer=tok))
+
+
+def test_first_batch_pooled_away_from_the_caption_end_is_refused_without_a_tokenizer():
+    from vlmdistill.errors import DataError
+
+    legacy = vlmdistill.wrap(tiny_hf_clip(eos_token_id=2, seed=1), plugin="dcclip", stage=2)
+    with pytest.raises(DataError, match=r"legacy rule .* not the vocabulary's last id 63 .* but a word in caption 0"):
+        legacy(**_hf_batch())  # captions end with id 3; the legacy rule pools their highest-id word
+    other = vlmdistill.wrap(tiny_hf_clip(eos_token_id=5, seed=1), plugin="dcclip", stage=2)
+    batch = _hf_batch()
+    batch["input_ids"][batch["input_ids"] == 5] = 6
+    with pytest.raises(DataError, match=r"first id 5 .* absent: it pools position 0 in caption 0"):
+        other(**batch)
+    right = vlmdistill.wrap(tiny_hf_clip(seed=1), plugin="dcclip", stage=2)
+    assert torch.isfinite(right(**_hf_batch()).loss)
+
+
+# ------------------------------------------------------------------ the teacher's own tokenizer on every path
+
+def test_teacher_with_its_own_tokenizer_must_get_its_own_token_ids():
+    from vlmdistill.errors import DataError
+    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+
+    tok_s = train_caption_tokenizer(_captions(), vocab_size=300)
+    tok_t = train_caption_tokenizer(_captions()[::-1] + ["a handwritten nine"], vocab_size=300)
+    student = tiny_hf_clip(vocab=300, seed=1)
+    teacher = tiny_hf_clip(vocab=300, hidden=32, projection=24, seed=2)
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, text_level="pooled",
+                              student_tokenizer=tok_s, teacher_tokenizer=tok_t)
+    captions = _captions()
+    s = tok_s(captions, padding=True, return_tensors="pt")
+    t = tok_t(captions, padding=True, return_tensors="pt")
+    pixels = torch.randn(4, 3, 32, 32)
+    with pytest.raises(DataError, match="no 'teacher_input_ids': the teacher would read the student's token ids"):
+        wrapped(pixel_values=pixels, **s)
+    out = wrapped(pixel_values=pixels, **s, teacher_input_ids=t["input_ids"], teacher_attention_mask=t["attention_mask"])
+    assert torch.isfinite(out.loss)
+
+
+# ------------------------------------------------------------------ VisionTextDualEncoderModel students
+
+def _dual_encoder(vision: str = "clip", seed: int = 1):
+    import transformers as T
+
+    torch.manual_seed(seed)
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                 patch_size=8)
+    vision_config = T.CLIPVisionConfig(**tower) if vision == "clip" else T.ViTConfig(**tower)
+    text_config = T.BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               vocab_size=64, max_position_embeddings=40, pad_token_id=0)
+    config = T.VisionTextDualEncoderConfig.from_vision_text_configs(vision_config, text_config, projection_dim=16)
+    return T.VisionTextDualEncoderModel(config)
+
+
+@pytest.mark.parametrize("vision", ["clip", "vit"])
+def test_vision_text_dual_encoder_student_trains_both_stages_and_exports(tmp_path, vision):
+    from transformers import VisionTextDualEncoderModel
+
+    student = _dual_encoder(vision)
+    keys = dict(student.state_dict())
+    teacher = tiny_hf_clip(hidden=32, layers=1, patch=4, projection=24, seed=2)
+    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, switch_at_step=1, embedding_weight=0.5)
+    spec = wrapped.plugin.student_spec
+    assert spec.family == "hf:vision-text-dual-encoder" and spec.image_dim == 16 and spec.text_dim == 16
+    captured = {}
+
+    def batch_pixels():
+        return _hf_batch()["pixel_values"]
+
+    student.vision_model.register_forward_hook(lambda m, i, o: captured.update(image=o.last_hidden_state))
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    for expected in ({"image", "text", "image_embed", "text_embed"}, {"contrastive"}):
+        out = wrapped(**_hf_batch())
+        assert set(out.loss_terms) == expected and torch.isfinite(out.loss)
+        out.loss.backward()
+        if expected == {"contrastive"}:
+            assert student.logit_scale.grad is not None
+        else:  # the image map is the tower's patch tokens (its class token dropped), laid on the 4x4 grid
+            assert captured["image"].shape[1] == 1 + 4 * 4
+            image_map = wrapped.plugin.student_spec.image_map(captured["image"], batch_pixels())
+            torch.testing.assert_close(image_map[:, :, 1, 2], captured["image"][:, 1 + 4 * 1 + 2])
+            assert all(p.grad is not None for p in student.vision_model.parameters() if p.requires_grad)
+        optimizer.step()
+        optimizer.zero_grad()
+        wrapped.step_end()
+    exported = vlmdistill.unwrap(wrapped)
+    assert list(exported.state_dict()) == list(keys)
+    exported.save_pretrained(tmp_path / "student")
+    loaded = VisionTextDualEncoderModel.from_pretrained(tmp_path / "student").eval()
+    batch = _hf_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).image_embeds, exported.eval()(**batch).image_embeds)

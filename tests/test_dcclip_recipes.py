@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import vlmdistill
@@ -74,6 +75,8 @@ def test_train_recipe_runs_both_stages_from_the_cache(recipe_path, tmp_path):
     assert summary["global_step"] == 2
     logged = [h for h in summary["log_history"] if "loss" in h]
     assert "distill/image" in logged[0] and "distill/contrastive" in logged[1]
+    # the recipe's Trainer restarts the (linear) schedule for stage 2; one schedule would be at 5e-4 there
+    assert [h["learning_rate"] for h in logged] == pytest.approx([1e-3, 1e-3])
     from transformers import CLIPModel
 
     CLIPModel.from_pretrained(summary["student"])
@@ -81,7 +84,11 @@ def test_train_recipe_runs_both_stages_from_the_cache(recipe_path, tmp_path):
 
 def test_demo_recipe_is_valid():
     recipe = load_recipe(os.path.join(REPO, "configs", "dcclip", "demo.yaml"))
-    assert recipe.plugin == "dcclip" and recipe.config["switch_at_step"] * 2 == recipe.training["max_steps"]
+    from vlmdistill.eval.experiments.dcclip import STUDENT_STEPS
+
+    # the demo's embedding-term arm: its steps, a third of them in stage 1 (the share chosen on validation)
+    assert recipe.plugin == "dcclip" and recipe.training["max_steps"] == STUDENT_STEPS
+    assert recipe.config["switch_at_step"] == round(STUDENT_STEPS / 3) and recipe.config["embedding_weight"] == 1.0
 
 
 def test_shard_pipeline_takes_the_students_image_size(recipe_path, tmp_path):
@@ -114,3 +121,52 @@ def test_shard_pipeline_gives_a_differently_preprocessed_teacher_its_own_pixels(
     same, _, same_runtime = build_image_text(student, tiny_hf_clip(hidden=16, layers=1, image_size=16, vocab=300),
                                              **kwargs)
     assert same.teacher_transform is None and same_runtime["data_fingerprint"] != runtime["data_fingerprint"]
+
+
+def test_recipe_compares_the_teachers_own_tokenizer(recipe_path, tmp_path):
+    """The teacher folder's tokenizer reaches wrap(): one with another vocabulary of the same size is refused for
+    token-level distillation (it used to be compared with the student's tokenizer, i.e. with itself)."""
+    from vlmdistill.errors import IncompatibleTeacherError
+
+    from transformers import AutoTokenizer
+
+    other = train_caption_tokenizer(["a handwritten nine, eight or seven", "手写的九、八或七", "a photo of a four",
+                                     "a scan of the digit two, five or six", "数字二、五或六的扫描"], vocab_size=300)
+    assert len(other) == len(AutoTokenizer.from_pretrained(tmp_path / "tok"))  # same size: only the tokenizers tell
+    teacher = tiny_hf_clip(hidden=32, layers=1, patch=4, image_size=16, vocab=len(other), projection=24, seed=2)
+    teacher.save_pretrained(tmp_path / "teacher")
+    other.save_pretrained(tmp_path / "teacher")
+    overrides = ["config.teacher_cache=null"]
+    with pytest.raises(IncompatibleTeacherError, match="differs from the teacher tokenizer"):
+        run_recipe(load_recipe(recipe_path, overrides))
+
+
+def test_shard_pipeline_tokenises_for_a_teacher_with_its_own_tokenizer(recipe_path, tmp_path):
+    from vlmdistill.plugins.dcclip.recipes import build_image_text
+
+    kwargs = yaml.safe_load(open(recipe_path))["data"]["kwargs"]
+    other = train_caption_tokenizer(["a handwritten nine", "手写的九"], vocab_size=300)
+    other.save_pretrained(tmp_path / "teacher_tok")
+    student = tiny_hf_clip(hidden=16, layers=1, patch=8, image_size=16, vocab=300)
+    teacher = tiny_hf_clip(hidden=16, layers=1, patch=8, image_size=16, vocab=len(other))
+    dataset, collate, runtime = build_image_text(student, teacher, **kwargs, teacher_tokenizer=str(tmp_path / "teacher_tok"))
+    items = [item for item, _ in zip(dataset, range(2))]
+    batch = collate(items)
+    assert torch.equal(batch["teacher_input_ids"][0, :len(other(items[0]["caption"])["input_ids"])],
+                       torch.tensor(other(items[0]["caption"])["input_ids"]))
+    assert runtime["teacher_tokenizer"] is not None and "teacher_attention_mask" in batch
+    # no tokenizer known for the teacher: none is claimed (the plugin then compares vocabulary sizes)
+    _, _, runtime = build_image_text(student, teacher, **kwargs)
+    assert "teacher_tokenizer" not in runtime
+
+
+def test_clip_builder_refuses_a_tokenizer_it_would_pool_wrong(tmp_path):
+    from vlmdistill.errors import IncompatibleTeacherError
+    from vlmdistill.plugins.dcclip.recipes import build_hf_clip
+
+    xlmr = train_caption_tokenizer(["a photo of the digit seven.", "数字七的照片。"], vocab_size=300, layout="xlm-r")
+    xlmr.save_pretrained(tmp_path / "xlmr")
+    with pytest.raises(IncompatibleTeacherError, match="family 'clip'.*legacy rule"):
+        build_hf_clip(str(tmp_path / "xlmr"))
+    model = build_hf_clip(str(tmp_path / "xlmr"), family="altclip")  # XLM-R pools its first token: fine
+    assert type(model).__name__ == "AltCLIPModel"

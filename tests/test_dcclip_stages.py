@@ -120,9 +120,10 @@ def test_trainer_resume_across_the_switch(tmp_path):
         return Trainer(model=model, args=args, train_dataset=Examples(),
                        callbacks=[vlmdistill.DistillationCallback()])
 
-    def wrapped():
+    def wrapped():  # a plain Trainer: one optimizer and schedule across the switch (DistillationTrainer: test_stages)
         torch.manual_seed(0)
-        return vlmdistill.wrap(_student(), plugin="dcclip", teacher=_teacher(), switch_at_step=2)
+        return vlmdistill.wrap(_student(), plugin="dcclip", teacher=_teacher(), switch_at_step=2,
+                               restart_optimizer_at_switch=False)
 
     full = trainer(wrapped(), tmp_path / "a", max_steps=4, save_strategy="no")
     full.train()

@@ -74,7 +74,7 @@ def test_dcclip_figure_from_its_own_summary(tmp_path):
 
 
 def test_msd_figure_from_its_own_summary(tmp_path):
-    runs = [{"run": kind, "seed": seed, "zero_shot_acc": 0.9 + 0.01 * i, "probe_acc": 0.8, "probe_auc": 0.9,
+    runs = [{"run": kind, "seed": seed, "i2t_r1": 0.9 + 0.01 * i, "t2i_r1": 0.5, "probe_acc": 0.8, "probe_auc": 0.9,
              "saved_activations_mb": 10.0 * (1 + (kind == "clip-Mb")), "peak_rss_mb": 1.0, "train_seconds": 1.0,
              "train_cpu_seconds": 1.0}
             for i, kind in enumerate(msd.RUN_KINDS) for seed in (0, 1)]
@@ -84,9 +84,9 @@ def test_msd_figure_from_its_own_summary(tmp_path):
     report = json.loads(json.dumps(report))  # as read back from msd_results.json
     figure = plots.plot_msd(report, str(tmp_path / "msd_results.png"))
     _check_png(tmp_path / "msd_results.png")
-    zero_shot, _, memory = figure.axes
-    assert _bars(zero_shot) == [90.0, 91.0, 92.0, 93.0, 94.0]
-    assert _bars(memory) == [10.0, 20.0, 10.0, 10.0, 10.0]
+    retrieval, _, memory = figure.axes
+    assert _bars(retrieval) == [90.0, 91.0, 92.0, 93.0, 94.0, 95.0]
+    assert _bars(memory) == [10.0, 10.0, 10.0, 20.0, 10.0, 10.0]
 
 
 def test_ccd_figure(tmp_path):

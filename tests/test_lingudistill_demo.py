@@ -23,7 +23,7 @@ def test_recovery_is_measured_against_plain_fine_tuning():
 
 def test_toy_llava_starts_as_the_language_model():
     """The VLM built from an LM scores text exactly like the LM (over the LM's vocabulary)."""
-    from vlmdistill.plugins.lingudistill.toy_vlm import llama_lm, llava_from_parts, vision_encoder
+    from vlmdistill.eval.experiments.toy_vlm import llama_lm, llava_from_parts, vision_encoder
 
     lm = llama_lm(50, layers=2, hidden=32, seed=3).eval()
     vlm = llava_from_parts(lm, vision_encoder(hidden=16, layers=1), image_token_id=50).eval()

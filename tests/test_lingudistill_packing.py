@@ -13,6 +13,7 @@ import vlmdistill
 from vlmdistill.eval.bench.presets import get_preset, make_batch, shared_token_ids, smolvlm_student
 from vlmdistill.kernels import two_source_attention_reference
 from vlmdistill.plugins.lingudistill.layout import build_layout
+from vlmdistill.plugins.lingudistill import two_source
 from vlmdistill.plugins.lingudistill.two_source import PackedAttention, torch_two_source_attention
 
 F64 = dict(rtol=1e-9, atol=1e-10)
@@ -98,10 +99,13 @@ def _random_layout(g, batch=3, length=40, segments=False):
     return build_layout(shared=shared, distilled=distilled & valid, valid=valid, segments=seg, full_length=False)
 
 
+@pytest.mark.parametrize("block", [two_source.QUERY_BLOCK, 3])
 @pytest.mark.parametrize("segments", [False, True])
-def test_packed_two_source_attention_equals_the_reference_row_by_row(segments):
-    """The per-row masked SDPA over the packed layout equals `two_source_attention_reference` (the kernels'
-    float64 oracle) on each row's own keys, padding and packed documents included."""
+def test_packed_two_source_attention_equals_the_reference_row_by_row(segments, block, monkeypatch):
+    """The blocked masked SDPA over the packed layout equals `two_source_attention_reference` (the kernels'
+    float64 oracle) on each row's own keys, padding and packed documents included; with small blocks each call
+    gets only the keys its queries can see, every visible pair exactly once."""
+    monkeypatch.setattr(two_source, "QUERY_BLOCK", block)
     g = torch.Generator().manual_seed(4)
     layout = _random_layout(g, segments=segments)
     hq, hkv, d = 6, 2, 8
@@ -110,7 +114,22 @@ def test_packed_two_source_attention_equals_the_reference_row_by_row(segments):
     ks, vs = (torch.randn(1, hkv, ns, d, generator=g, dtype=torch.float64) for _ in range(2))
     plan = PackedAttention(layout, "cpu", full_length=False)
     got = torch_two_source_attention(q, ks, vs, ko, vo, plan, scale=0.3)
+    blocks = plan.blocks()
+    assert max(b.queries.stop - b.queries.start for b in blocks) <= block
+    computed = sum(b.allowed.numel() for b in blocks)
+    rectangle = sum((qb - qa) * (qb - qa + sb - sa) for (qa, qb), (sa, sb) in zip(plan.query_bounds,
+                                                                                  plan.shared_bounds))
     seg_q, seg_s = layout.query_segments(), layout.shared_segments()
+    visible = 0
+    for (qa, qb), (sa, sb) in zip(plan.query_bounds, plan.shared_bounds):
+        pos_q, pos_k = layout.query_index[qa:qb], torch.cat([layout.shared_index[sa:sb], layout.query_index[qa:qb]])
+        seen = (pos_k[None] <= pos_q[:, None]) & torch.cat([torch.ones(sb - sa, dtype=torch.bool),
+                                                             layout.own_valid[qa:qb]])[None]
+        if segments:
+            seen &= torch.cat([seg_s[sa:sb], seg_q[qa:qb]])[None] == seg_q[qa:qb, None]
+        visible += int(seen.sum())
+    assert sum(int(b.allowed.sum()) for b in blocks) == visible
+    assert computed - visible < (rectangle - visible) / 4 if block == 3 else computed <= rectangle
     for (qa, qb), (sa, sb) in zip(plan.query_bounds, plan.shared_bounds):
         kw = {}
         if segments:

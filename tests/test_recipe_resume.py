@@ -44,12 +44,30 @@ def _dcclip(tmp_path):
     teacher = demo.export(demo.make_clip(demo.TEACHER, len(data["tokenizer"]), seed=1), data["tokenizer"],
                           os.path.join(work, "teacher"))
     tok = os.path.join(work, "tokenizer")
-    return [f"student.kwargs.tokenizer={tok}", f"teacher.path={teacher}", f"data.kwargs.shards={data['shards']}",
+    shards = data["paths"]["student"]
+    return [f"student.kwargs.tokenizer={tok}", f"teacher.path={teacher}", f"data.kwargs.shards={shards}",
             f"data.kwargs.tokenizer={tok}", "data.kwargs.shuffle_buffer=64", "config.teacher_cache=null",
             "config.switch_at_step=3", "training.per_device_train_batch_size=8"]
 
 
-SHRINK = {"lingudistill": _lingudistill, "msd": _msd, "ccd": _ccd, "dcclip": _dcclip}
+def _kd(tmp_path):
+    """What `vlmdistill demo kd` saves for the recipe, made small: a tokenizer and an untrained 1-layer teacher."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vlmdistill.data.text import split_by_module, stdlib_docstrings, train_tokenizer
+
+    tokenizer = train_tokenizer(split_by_module(stdlib_docstrings())[0][:300], vocab_size=512)
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+                     ).save_pretrained(str(tmp_path / "teacher"))
+    return [f"teacher.path={tmp_path / 'teacher'}", f"student.kwargs.vocab_size={len(tokenizer)}",
+            f"data.kwargs.tokenizer={tmp_path / 'tokenizer'}", f"eval_data.kwargs.tokenizer={tmp_path / 'tokenizer'}",
+            "data.kwargs.max_blocks=32", "eval_data.kwargs.max_blocks=8", "training.per_device_train_batch_size=4"]
+
+
+SHRINK = {"lingudistill": _lingudistill, "msd": _msd, "ccd": _ccd, "dcclip": _dcclip, "kd": _kd}
 
 
 class InterruptAfterSave(TrainerCallback):
@@ -73,7 +91,7 @@ def test_every_plugin_with_a_demo_has_a_demo_recipe_checked_here():
     assert {os.path.basename(os.path.dirname(p)) for p in RECIPES} == set(SHRINK)
 
 
-SLOW = {"lingudistill", "ccd"}  # about a minute each on 2 cores
+SLOW = {"lingudistill", "ccd", "kd"}  # about a minute each on 2 cores (kd: collecting the docstring corpus)
 
 
 def _marked(path):

@@ -97,7 +97,7 @@ def test_ccd_pretrains_from_an_unlabeled_lmdb_in_a_dataloader(tmp_path):
                             bottleneck_dim=16, total_steps=10)
     model.train()
     out = model(**batch)
-    assert out.loss_terms["paired_characters"] > 2 and torch.isfinite(out.loss)
+    assert out.metrics["paired_characters"] > 2 and torch.isfinite(out.loss)
 
 
 def test_eval_str_reports_word_accuracy_per_benchmark(tmp_path, capsys):

@@ -10,10 +10,7 @@ Per plugin (its contract case, 3 optimizer steps on half of each global batch pe
   and the logged terms. Placement 'replicate' (a full teacher per rank; EMA teachers updated from the gathered
   student) or 'partition' (the external teacher partitioned too, `vlmdistill.zero3.partition_teacher`);
 * `export-<plugin>/`: `save_pretrained` of the partitioned model (gathered module by module, written by rank 0),
-  and whether the raw student state dict was empty (what a plain save would silently write);
-* `trainer-<plugin>.pt`: the HF Trainer with `TrainingArguments(deepspeed=vlmdistill.zero3.zero3_config())`
-  (accelerate's DeepSpeed path): losses of 4 uninterrupted steps, of 2 steps saved as a DeepSpeed checkpoint, and
-  of the 2 steps resumed from it; and the wrapper's gathered state at the end of both runs.
+  and whether the raw student state dict was empty (what a plain save would silently write).
 """
 
 import os
@@ -29,8 +26,9 @@ import vlmdistill  # noqa: E402
 from vlmdistill.distributed import full_state_dict, is_zero3  # noqa: E402
 
 # Parameters of one element stay whole on every rank, as DeepSpeed's default threshold (1e5 elements) keeps every
-# small tensor: everything else of these tiny models is partitioned.
-ENGINE_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+# small tensor: everything else of these tiny models is partitioned. DeepSpeed clips gradients at norm 1.0 unless
+# told otherwise (the Trainer passes its max_grad_norm): the reference does not clip.
+ENGINE_CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
                  "zero_allow_untested_optimizer": True,
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 2}}
 

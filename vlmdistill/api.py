@@ -149,6 +149,6 @@ def _class_path(model: nn.Module) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"
 
 
-def step_end(model: nn.Module) -> None:
-    """`model.step_end()` through any DDP / accelerate wrapping."""
-    unwrap_parallel(model).step_end()
+def step_end(model: nn.Module) -> bool:
+    """`model.step_end()` through any DDP / accelerate wrapping; True when the step ended a training stage."""
+    return unwrap_parallel(model).step_end()

@@ -8,16 +8,20 @@
 
 `DistillationTrainerMixin` (or the ready `DistillationTrainer`) is for plugins that must see a whole
 gradient-accumulation window before its first micro-batch (momentum self-distillation computes the
-teacher keys of all micro-batches first), and it logs the terms before every reporting callback.
+teacher keys of all micro-batches first), for plugins that train in stages (each stage starts with a fresh
+optimizer state and its own learning-rate schedule, warm-up included: `vlmdistill.stages`), and it logs the
+terms before every reporting callback.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
 from .api import unwrap_parallel
+from .errors import ConfigError
 from .model import DistillationModel
 
 
@@ -34,10 +38,14 @@ class DistillationCallback(TrainerCallback):
         if wrapper is None:
             raise TypeError("DistillationCallback needs the Trainer's model to come from vlmdistill.wrap(...)")
         if wrapper.on_nonfinite == "skip" and getattr(args, "deepspeed", None):
-            from .errors import ConfigError
-
             raise ConfigError("on_nonfinite='skip' cannot drop a step under DeepSpeed (its engine owns the optimizer "
                               "step); use on_nonfinite='raise'")
+        boundaries = wrapper.plugin.stage_boundaries()
+        if boundaries and not wrapper.__dict__.get("_stages_restarted_by_trainer", False):
+            warnings.warn(f"plugin {wrapper.plugin.name!r} trains in stages (new stage after optimizer step(s) "
+                          f"{list(boundaries)}), but a plain Trainer runs one optimizer state and one learning-rate "
+                          "schedule across them; vlmdistill.DistillationTrainer (or DistillationTrainerMixin) starts "
+                          "each stage with a fresh optimizer state and its own warm-up", RuntimeWarning, stacklevel=2)
         if state.max_steps and state.max_steps > 0:
             wrapper.plugin.on_train_begin(int(state.max_steps))
         return control
@@ -67,8 +75,54 @@ class DistillationCallback(TrainerCallback):
         return control
 
 
+class StageRestartCallback(TrainerCallback):
+    """After the optimizer step that ends a training stage (`plugin.stage_boundaries()`), forget the optimizer
+    state: the next stage starts as a fresh optimizer would. Runs after `DistillationCallback`, which ends the
+    step; `DistillationTrainerMixin` installs it together with the per-stage schedule."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        wrapper = _find_wrapper(model)
+        if wrapper is not None and wrapper.plugin.stage_boundaries() and getattr(args, "deepspeed", None):
+            raise ConfigError(f"plugin {wrapper.plugin.name!r} restarts the optimizer at each training stage, which "
+                              "DeepSpeed's engine (the owner of the optimizer state) does not allow; use DDP or FSDP2, "
+                              "or turn the plugin's per-stage restart off")
+        return control
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        wrapper = _find_wrapper(model)
+        if wrapper is not None and wrapper.stage_ended and optimizer is not None:
+            from .stages import reset_optimizer_state
+
+            reset_optimizer_state(optimizer)
+        return control
+
+
 class DistillationTrainerMixin:
-    """Mix into a `transformers.Trainer` subclass: `class MyTrainer(DistillationTrainerMixin, Trainer)`."""
+    """Mix into a `transformers.Trainer` subclass: `class MyTrainer(DistillationTrainerMixin, Trainer)`.
+
+    When the plugin trains in stages, each stage gets a fresh optimizer state and its own learning-rate schedule
+    of `lr_scheduler_type` over the stage's steps, with `warmup_steps` at the start of every stage (a fraction
+    below 1: of each stage's length)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        wrapper = _find_wrapper(self.model)
+        if wrapper is not None:
+            wrapper.__dict__["_stages_restarted_by_trainer"] = True
+        self.add_callback(StageRestartCallback())  # last: after DistillationCallback has ended the step
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        wrapper = _find_wrapper(self.model)
+        boundaries = wrapper.plugin.stage_boundaries() if wrapper is not None else ()
+        if self.lr_scheduler is None and boundaries:
+            from .stages import hf_schedule_factory, staged_scheduler
+
+            factory = hf_schedule_factory(self.args.lr_scheduler_type, self.args.warmup_steps,
+                                          self.args.lr_scheduler_kwargs)
+            self.lr_scheduler = staged_scheduler(optimizer if optimizer is not None else self.optimizer, boundaries,
+                                                 num_training_steps, factory)
+            self._created_lr_scheduler = True
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()

@@ -30,3 +30,7 @@ class DataError(VLMDistillError, ValueError):
 
 class NonFiniteLossError(VLMDistillError, FloatingPointError):
     """A loss term was NaN or infinite during training; the message names the term and the optimizer step."""
+
+
+class MissingDependencyError(VLMDistillError, ImportError):
+    """A feature needs an optional package that is not installed; the message names the extra that brings it."""

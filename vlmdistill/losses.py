@@ -24,6 +24,13 @@ Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
+def supervised_rows(labels: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` logit rows t whose target labels[t+1] is supervised (the causal-LM shift; the last row has none)."""
+    rows = torch.zeros_like(labels, dtype=torch.bool)
+    rows[:, :-1] = labels[:, 1:] != -100
+    return rows
+
+
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """Z-score each row (Sun et al., CVPR 2024, 'Logit Standardization in Knowledge Distillation'),
     in at least float32."""
@@ -243,9 +250,7 @@ def task_and_distill_sums(logits: torch.Tensor, labels: torch.Tensor, row_weight
     `head` maps a chunk of them to teacher logits (lingudistill: the teacher's LM head; kd: `teacher_hidden` holds
     row indices into already computed teacher logits and `head` gathers them). Only the first value carries a
     gradient (to `logits`)."""
-    supervised = torch.zeros_like(labels, dtype=torch.bool)
-    supervised[:, :-1] = labels[:, 1:] != -100
-    rows_b, rows_t = supervised.nonzero(as_tuple=True)
+    rows_b, rows_t = supervised_rows(labels).nonzero(as_tuple=True)
     is_kd = distilled[rows_b, rows_t]
     kd_slot = torch.where(is_kd, is_kd.long().cumsum(0) - 1, torch.full_like(rows_b, -1))
     if teacher_hidden is None:

@@ -23,6 +23,7 @@ from .errors import ConfigError, DataError, NonFiniteLossError
 from .frozen import drop_frozen_gradients
 from .hooks import HookManager
 from .distributed import full_state_dict, is_dtensor, is_main_process, is_sharded, world_size
+from .distributed import is_main_process as _is_rank_zero  # save_pretrained's keyword shadows the name
 from .io import PLUGIN_CONFIG_NAME, PLUGIN_STATE_NAME, find_aliases, save_tensors, write_json
 from .plugin import DistillationPlugin
 from .sharding import ScalarParameters
@@ -101,6 +102,8 @@ class DistillationModel(nn.Module):
         self._term_steps = 0
         self._detached = False
         self._keep_aliases = False
+        #: whether the last optimizer step ended a training stage (see `step_end`)
+        self.stage_ended = False
         # Tied weights share storage; safetensors (used by the Trainer's checkpoints) refuses that.
         self.register_state_dict_post_hook(_drop_aliases_hook)
         self.register_load_state_dict_pre_hook(_restore_aliases_hook)
@@ -109,8 +112,8 @@ class DistillationModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The student's forward (same arguments, plus the plugin's extra inputs such as `kd_mask`).
 
-        Returns the student's own output object with `.loss` = the total distillation loss and
-        `.loss_terms` = a dict of its named parts.
+        Returns the student's own output object with `.loss` = the total distillation loss,
+        `.loss_terms` = a dict of its named parts and `.metrics` = the plugin's monitored quantities.
         """
         return self._distill_forward(*args, **kwargs)
 
@@ -137,13 +140,16 @@ class DistillationModel(nn.Module):
         if self.training and not self._inputs_checked:
             _check_finite_inputs({**inputs, **extras})
             self._inputs_checked = True
+        if self.training:
+            self._frozen_hook.track_zero3(self)
         result = self.plugin(self.student, inputs, extras, num_items)
         output = result.output
         if result.loss is not None:
-            output = _attach_loss(output, result.loss, result.loss_terms)
+            output = _attach_loss(output, result.loss, result.loss_terms, result.metrics)
             if self.training:
-                values = _as_floats(result.loss_terms, result.loss)
-                if self._finite_or_flag(values):
+                values = _as_floats({**result.metrics, **result.loss_terms}, result.loss)
+                checked = {k: v for k, v in values.items() if k not in result.metrics or k in result.loss_terms}
+                if self._finite_or_flag(checked):
                     self._record_terms(values, window_normalised=num_items is not None)
         return output
 
@@ -185,21 +191,27 @@ class DistillationModel(nn.Module):
         return not skip
 
     # ------------------------------------------------------------ step & logs
-    def step_end(self, skipped: bool = False) -> None:
+    def step_end(self, skipped: bool = False) -> bool:
         """Per-optimizer-step work (EMA, schedules, queues, stage switches). Call once after each
         `optimizer.step()` in a hand-written loop; `DistillationCallback` does it under the Trainer.
 
         A step the optimizer did not take (`skipped`: e.g. a mixed-precision overflow, or a non-finite loss under
-        `on_nonfinite='skip'`) does no plugin work and does not advance `global_step`."""
+        `on_nonfinite='skip'`) does no plugin work and does not advance `global_step`.
+
+        Returns True when this step ended a training stage (`plugin.stage_boundaries()`): the next step belongs to
+        a stage that wants a fresh optimizer state and schedule (`vlmdistill.stages.reset_optimizer_state`)."""
         decided = self._skip_decided if self._skip_decided is not None else self._nonfinite_seen
         self._nonfinite_seen, self._skip_decided = False, None
+        self.stage_ended = False
         if skipped or decided:
             self.plugin.on_step_skipped()
-            return
+            return False
         with torch.no_grad():
             self.plugin.global_step += 1
         self._term_steps += 1
         self.plugin.on_step_end()
+        self.stage_ended = int(self.plugin.global_step) in self.plugin.stage_boundaries()
+        return self.stage_ended
 
     def _record_terms(self, terms: dict[str, float], *, window_normalised: bool) -> None:
         terms = {name: value for name, value in terms.items() if name != "loss"}
@@ -246,19 +258,22 @@ class DistillationModel(nn.Module):
         self._detached = True
         return self.student
 
-    def save_pretrained(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None, **_: Any) -> None:
+    def save_pretrained(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None, *,
+                        is_main_process: bool | None = None) -> None:
         """The student in its native format, plus `vlmdistill_plugin.json` (plugin name and config)
         and `vlmdistill_plugin_state.safetensors` (plugin state: projections, EMA, queues, counters).
 
         Sharded models (FSDP2, DeepSpeed ZeRO-3) are gathered and written by rank 0: call it on every rank.
-        `state_dict`: the wrapper's full state dict when the caller has gathered it already (the Trainer)."""
+        `state_dict`: the wrapper's full state dict when the caller has gathered it already (the Trainer).
+        `is_main_process` is accepted for the Trainer's call (its `should_save`); the writer is always global rank
+        0, since every rank takes part in the gathers. Any other keyword is refused."""
         if state_dict is None:
             self._keep_aliases = True  # tied weights are the savers' business (transformers, save_tensors)
             try:
                 state_dict = full_state_dict(self) if world_size() > 1 or is_sharded(self) else self.state_dict()
             finally:
                 self._keep_aliases = False
-        main = is_main_process()
+        main = _is_rank_zero()
         student_state = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
         if main:
             _check_not_empty(student_state, "student")
@@ -386,7 +401,8 @@ def _with_loss_field(cls: type) -> type:
     return _WITH_LOSS[cls]
 
 
-def _attach_loss(output: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> Any:
+def _attach_loss(output: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor],
+                 metrics: dict[str, torch.Tensor]) -> Any:
     from transformers.utils import ModelOutput
 
     if isinstance(output, ModelOutput):
@@ -396,22 +412,25 @@ def _attach_loss(output: Any, loss: torch.Tensor, terms: dict[str, torch.Tensor]
             output = _with_loss_field(type(output))(**dict(output.items()))
         output["loss"] = loss  # item *and* attribute, also when the student computed none
         output.loss_terms = terms
+        output.metrics = metrics
         return output
     if isinstance(output, dict):
         output = dict(output)
         output["loss"] = loss
         output["loss_terms"] = terms
+        output["metrics"] = metrics
         return output
-    return DistillationOutput(loss=loss, loss_terms=terms, student_output=output)
+    return DistillationOutput(loss=loss, loss_terms=terms, metrics=metrics, student_output=output)
 
 
 class DistillationOutput(dict):
     """Output for students whose own output is not a mapping (tuples, tensors, open_clip features)."""
 
-    def __init__(self, loss: torch.Tensor, loss_terms: dict, student_output: Any) -> None:
+    def __init__(self, loss: torch.Tensor, loss_terms: dict, metrics: dict, student_output: Any) -> None:
         super().__init__(loss=loss, student_output=student_output)
         self.loss = loss
         self.loss_terms = loss_terms
+        self.metrics = metrics
         self.student_output = student_output
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 
+from .extras import require
+
 
 def new_figure(rows: int = 1, cols: int = 1, *, width: float = 4.0, height: float = 3.0):
     """A figure of `rows x cols` panels on an Agg canvas, and its axes (always a flat list)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "drawing figures").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "drawing figures").Figure
 
     figure = Figure(figsize=(width * cols, height * rows), layout="constrained")
     FigureCanvasAgg(figure)

@@ -9,6 +9,7 @@ adapters, heads — registered normally, so the optimiser sees them) and keeps e
     attach(student, hooks)           register hooks / attention functions
     forward(student, inputs, ...)    one training micro-batch -> DistillationResult
     on_step_end()                    once per optimizer step (EMA, schedules, queues, stages)
+    stage_boundaries()               steps after which a new stage starts a fresh optimizer and schedule
     detach(student)                  undo `attach` exactly (hooks are removed by the wrapper)
 """
 
@@ -28,12 +29,14 @@ from .teachers import adapters_disabled, freeze, has_active_adapters, module_dev
 
 @dataclasses.dataclass
 class DistillationResult:
-    """What a plugin's forward returns: the student's own output object, the total loss, and its
-    named parts (unweighted values, logged as `distill/<name>`; `loss` combines them)."""
+    """What a plugin's forward returns: the student's own output object, the total loss, its named parts
+    (unweighted values, logged as `distill/<name>`; `loss` combines them) and `metrics`: monitored quantities that
+    are no part of the loss (logged the same way, never checked for NaN, not in the output's `loss_terms`)."""
 
     output: Any
     loss: torch.Tensor | None
     loss_terms: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 class HiddenState(nn.Module):
@@ -101,6 +104,9 @@ class DistillationPlugin(nn.Module):
     demo: ClassVar[str | None] = None
     #: extra `vlmdistill` sub-commands: {"name": "module:function"} (function takes an argv list)
     commands: ClassVar[dict[str, str]] = {}
+    #: module whose import registers the plugin's recipe builders (`register_model_builder` / `register_data_builder`);
+    #: `vlmdistill.recipes` imports it when a recipe looks a builder up, never when the plugin is imported
+    recipe_builders: ClassVar[str | None] = None
     #: under `DistillationTrainerMixin`, keep an accumulation window's micro-batches on the host (each moves to the
     #: device for its own forward), for plugins that see the whole window first (`on_accumulation_window`)
     window_on_host: ClassVar[bool] = False
@@ -191,6 +197,12 @@ class DistillationPlugin(nn.Module):
 
     def on_step_end(self) -> None:
         """Per-optimizer-step work. `global_step` already counts the step just taken."""
+
+    def stage_boundaries(self) -> tuple[int, ...]:
+        """Optimizer steps after which a new training stage begins with a fresh optimizer state and its own
+        learning-rate schedule, warm-up included (`vlmdistill.stages`; `DistillationTrainer` applies it). A
+        function of the config only, so a resumed run finds the same boundaries. Default: one stage."""
+        return ()
 
     def on_step_skipped(self) -> None:
         """The optimizer did not take this step (mixed-precision overflow, or a non-finite loss under

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
 import os
 import re
 import typing
@@ -38,12 +39,27 @@ _DATA_BUILDERS: dict[str, Callable] = {}
 _DATA_CHECKS: dict[str, Callable] = {}
 
 
-def register_model_builder(name: str):
-    """Register `fn(**kwargs) -> nn.Module` under `name` for recipes' `student/teacher: {builder: name}`."""
+# Modules of the library's own builders; a plugin names its module in `DistillationPlugin.recipe_builders`. They are
+# imported only when a recipe looks a builder up (`load_builders`), so importing a plugin registers nothing.
+CORE_BUILDER_MODULES = ("vlmdistill.data.image_text",)
+_builders_loaded = False
+
+
+def _registrar(table: dict[str, Callable], what: str, name: str):
     def deco(fn):
-        _MODEL_BUILDERS[name] = fn
+        known = table.get(name)
+        if known is not None and (known.__module__, known.__qualname__) != (fn.__module__, fn.__qualname__):
+            raise ConfigError(f"{what} {name!r} is registered twice: by {known.__module__}.{known.__qualname__} "
+                              f"and by {fn.__module__}.{fn.__qualname__}; give one of them another name")
+        table[name] = fn
         return fn
     return deco
+
+
+def register_model_builder(name: str):
+    """Register `fn(**kwargs) -> nn.Module` under `name` for recipes' `student/teacher: {builder: name}`.
+    A name already taken by another function is refused."""
+    return _registrar(_MODEL_BUILDERS, "model builder", name)
 
 
 def register_data_builder(name: str):
@@ -52,22 +68,37 @@ def register_data_builder(name: str):
     are runtime arguments for the plugin (tokenizers, data fingerprints) passed on to `wrap()`. A builder that
     names `plugin`, `student_processor`, `student_tokenizer` or `teacher_tokenizer` as a keyword parameter gets
     the recipe's plugin name and the processor / tokenizers saved in the model folders."""
-    def deco(fn):
-        _DATA_BUILDERS[name] = fn
-        return fn
-    return deco
+    return _registrar(_DATA_BUILDERS, "data builder", name)
 
 
 def register_data_check(name: str):
     """Register `fn(config, **builder_kwargs) -> str` for `--dry-run`: it reads and checks the data of the builder
     `name` without any model (the plugin's typed `config` included) and returns a one-line summary."""
-    def deco(fn):
-        _DATA_CHECKS[name] = fn
-        return fn
-    return deco
+    return _registrar(_DATA_CHECKS, "data check", name)
+
+
+def load_builders() -> None:
+    """Import the core builder modules and every installed plugin's `recipe_builders` module (once)."""
+    global _builders_loaded
+    if _builders_loaded:
+        return
+    from .registry import get_plugin, list_plugins
+
+    modules = list(CORE_BUILDER_MODULES)
+    modules += [m for m in (get_plugin(name).recipe_builders for name in list_plugins()) if m]
+    for module in modules:
+        importlib.import_module(module)
+    _builders_loaded = True
+
+
+def registered_builders() -> dict[str, list[str]]:
+    """Names of every registered model builder, data builder and data check."""
+    load_builders()
+    return {"model": sorted(_MODEL_BUILDERS), "data": sorted(_DATA_BUILDERS), "check": sorted(_DATA_CHECKS)}
 
 
 def _lookup(table: dict, name: str, what: str):
+    load_builders()
     if name not in table:
         raise ConfigError(f"unknown {what} {name!r}; registered: {', '.join(sorted(table)) or '(none)'}")
     return table[name]
@@ -389,6 +420,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
         if spec is None:
             continue
         fn, kwargs = builder_arguments(spec, offered)
+        load_builders()
         check = _DATA_CHECKS.get(spec.builder)
         if check is None:
             lines.append(f"{name}: builder {spec.builder}, arguments checked (its data is read when training starts)")
@@ -554,11 +586,6 @@ def _open_clip_model(**kwargs):
     from .open_clip_models import load_open_clip
 
     return load_open_clip(**kwargs)
-
-
-# "image-text": image–text pairs from an image folder with metadata.jsonl / metadata.csv or a `datasets` folder,
-# preprocessed for the student (and the teacher); registered by its module, with its own signature.
-from .data import image_text as _image_text  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------------------- chat data

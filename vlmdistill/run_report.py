@@ -4,11 +4,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any
 
 from transformers import TrainerCallback
+
+from .errors import MissingDependencyError
+
+logger = logging.getLogger(__name__)
 
 LOG_FILE = "log_history.jsonl"
 PLOTS_DIR = "plots"
@@ -121,7 +126,10 @@ class RunReport(TrainerCallback):
             self._bar.close()
             self._bar = None
         if state.is_world_process_zero:
-            self.plots = plot_loss_curves(state.log_history, os.path.join(self.output_dir, PLOTS_DIR))
+            try:
+                self.plots = plot_loss_curves(state.log_history, os.path.join(self.output_dir, PLOTS_DIR))
+            except MissingDependencyError as error:  # the run and its logs are complete; only the figures are missing
+                logger.warning("loss-curve plots skipped: %s", error)
         return control
 
 

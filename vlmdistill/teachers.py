@@ -41,14 +41,6 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-@contextlib.contextmanager
-def teacher_mode(teacher: nn.Module) -> Iterator[None]:
-    """Eval mode and no autograd for a teacher forward, whatever the caller's mode."""
-    teacher.eval()
-    with torch.no_grad():
-        yield
-
-
 def is_peft_model(model: nn.Module) -> bool:
     try:
         from peft import PeftModel

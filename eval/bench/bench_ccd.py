@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             sup_times.append(t_sup)
             pipeline.append(sum(timer.seconds[n] for n in MASK_PIPELINE))
             views.append(timer.seconds["make_views"])
-            chars.append(float(out.loss_terms["paired_characters"]))
+            chars.append(float(out.metrics["paired_characters"]))
             print(f"step {step}: ccd {t_ccd:.2f} s (mask pipeline {pipeline[-1]:.3f} s, views {views[-1]:.3f} s), "
                   f"supervised {t_sup:.2f} s")
 

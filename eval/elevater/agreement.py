@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlmdistill.extras import require
+
 from . import metrics
 
 
@@ -52,7 +54,7 @@ def random_case(rng: np.random.Generator, kind: str) -> Case:
 def toolkit_metrics(case: Case) -> dict[str, float]:
     """The toolkit's numbers for `case`, from `vision-evaluation` (and scikit-learn for ROC-AUC, as
     the toolkit's `metric.roc_auc` does)."""
-    import sklearn.metrics as sm
+    sm = require("sklearn.metrics", "the agreement check against scikit-learn")
     import vision_evaluation.evaluators as v_eval
 
     def report(evaluator, key=None):

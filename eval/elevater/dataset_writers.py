@@ -12,6 +12,8 @@ from typing import Sequence
 
 from PIL import Image
 
+from vlmdistill.extras import require
+
 Labels = Sequence[Sequence[int]]   # one tuple of class indices per image
 
 
@@ -99,7 +101,7 @@ def write_webdataset(out_dir: str, images: Sequence[Image.Image], labels: Labels
                      templates: Sequence[str] | None = None, split: str = "test", max_count: int = 10_000) -> str:
     """CLIP_benchmark layout written with webdataset's ShardWriter: `<split>/<n>.tar` of
     `<key>.png` + `<key>.cls`, `classnames.txt`, optional `zeroshot_classification_templates.txt`."""
-    import webdataset
+    webdataset = require("webdataset", "writing ELEVATER webdataset shards")
 
     os.makedirs(os.path.join(out_dir, split), exist_ok=True)
     with webdataset.ShardWriter(os.path.join(out_dir, split, "%d.tar"), maxcount=max_count, verbose=0) as sink:

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vlmdistill.extras import require
+
 from .tasks import TaskSpec
 
 DIGIT_NAMES = {
@@ -80,7 +82,7 @@ def mosaics_task(language: str = "en") -> TaskSpec:
 
 def digits_images(size: int = 32) -> tuple[list[Image.Image], np.ndarray]:
     """All 1,797 scikit-learn digits as RGB images of `size` pixels (white strokes on black), and labels."""
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets", "the ELEVATER demo's digit images").load_digits
 
     digits = load_digits()
     pixels = (digits.images / 16.0 * 255).astype(np.uint8)
@@ -90,7 +92,7 @@ def digits_images(size: int = 32) -> tuple[list[Image.Image], np.ndarray]:
 
 def digits_split(size: int = 32, test_size: int = 500, seed: int = 0):
     """Stratified train/test split of the digits: ((train images, labels), (test images, labels))."""
-    from sklearn.model_selection import train_test_split
+    train_test_split = require("sklearn.model_selection", "the ELEVATER demo's split").train_test_split
 
     images, labels = digits_images(size)
     train_idx, test_idx = train_test_split(np.arange(len(images)), test_size=test_size, stratify=labels,
@@ -109,6 +111,7 @@ def digits_test_data(size: int = 32, test_size: int = 500, seed: int = 0):
 
 
 def _object_photo(loader: str) -> Image.Image:
+    require("skimage.data", "the ELEVATER demo's object photos")
     import skimage.data
 
     array = getattr(skimage.data, loader)()

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from vlmdistill.extras import require
+
 from .tasks import ELEVATER_IC20
 
 # The keys of the toolkit's per-dataset prediction file, in its order (`vision_benchmark/commands/
@@ -182,7 +184,7 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def plot_results(results: Sequence[dict], path: str, title: str = "Zero-shot classification") -> str:
     """Grouped bar chart: datasets on the x axis, one bar per run (label, language, protocol); each bar
     is the protocol's primary metric (the dataset's own metric, or top-1 for `cnclip_zh`)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "the ELEVATER report's figure")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

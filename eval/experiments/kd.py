@@ -81,6 +81,7 @@ def run(output_dir: str, seeds: list[int], alphas: list[float], quick: bool = Fa
     t0 = time.time()
     train_texts, held_texts = split_by_module(stdlib_docstrings())
     tokenizer = train_tokenizer(train_texts, vocab_size=1024)
+    tokenizer.save_pretrained(os.path.join(output_dir, "tokenizer"))  # for configs/kd/demo.yaml
     block = 64
     train_blocks = pack_examples(train_texts, tokenizer, block)
     held_blocks = pack_examples(held_texts, tokenizer, block, max_blocks=scale["held"])

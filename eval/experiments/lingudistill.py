@@ -89,7 +89,7 @@ def fine_tune(vlm, samples, *, steps: int, seed: int, out: str, lingudistill: di
     import vlmdistill
     from transformers import Trainer, TrainingArguments
 
-    from vlmdistill.plugins.lingudistill.toy_vlm import SampleDataset, collate_samples
+    from vlmdistill.eval.experiments.toy_vlm import SampleDataset, collate_samples
 
     vlm.model.vision_tower.requires_grad_(False)
     model, callbacks = vlm, []
@@ -144,7 +144,7 @@ def _recovery(orig: float, finetuned: float, distilled: float) -> float:
 def run(output_dir: str, seeds: list[int], smoke: bool = False, alpha: float = 0.5, text_share: bool = True,
         control: bool = False, threads: int = 1) -> dict:
     from vlmdistill.data.digits import load_digits_images
-    from vlmdistill.plugins.lingudistill.toy_vlm import (DIGIT_DATASETS, DigitTasks, IMAGE_TOKEN, image_tokens,
+    from vlmdistill.eval.experiments.toy_vlm import (DIGIT_DATASETS, DigitTasks, IMAGE_TOKEN, image_tokens,
                                                          llava_from_parts, student_tokenizer, train_language_model,
                                                          train_vision_encoder)
 

@@ -52,28 +52,35 @@ def plot_lingudistill(result: dict, path: str):
     return figure
 
 
+DCCLIP_LABELS = {"logit distillation (CLIP-KD style)": "logit KD", "DC-CLIP + embedding term": "DC-CLIP + emb.",
+                 "DC-CLIP + embedding term, one schedule across the stages": "DC-CLIP + emb.,\none schedule",
+                 "from scratch, 10% of the pairs": "scratch, 10%", "DC-CLIP, stage 2 on 10% of the pairs": "DC-CLIP, 10%",
+                 "from scratch, English pairs only": "scratch, en only",
+                 "DC-CLIP, stage 2 on English pairs only": "DC-CLIP,\nen-only stage 2"}
+
+
 def plot_dcclip(results: dict, path: str):
     entries = results["summary"]
-    models = [e["model"].replace("student, ", "") for e in entries]
-    figure, axes = new_figure(1, 2, width=3.8, height=3.4)
+    models = [DCCLIP_LABELS.get(e["model"], e["model"].replace("student, ", "")) for e in entries]
+    figure, axes = new_figure(1, 2, width=max(3.8, 0.55 * len(entries)), height=3.6)
     for ax, language, title in ((axes[0], "en", "zero-shot top-1, English prompts"),
                                 (axes[1], "zh", "zero-shot top-1, Chinese prompts")):
         bar_panel(ax, models, [e[f"{language}_mean"] for e in entries], [e[f"{language}_std"] for e in entries],
                   per_seed=[[r[language] for r in results["rows"] if r["model"] == e["model"]] for e in entries],
                   title=title, percent=True)
-    figure.suptitle("dcclip: bilingual digits, held-out images", fontsize=9)
+    figure.suptitle("dcclip: bilingual digits, held-out images, prompt templates unseen in training", fontsize=9)
     save_figure(figure, path)
     return figure
 
 
-MSD_LABELS = {"clip-b": "CLIP b", "clip-Mb": "CLIP M·b", "clip-b-accum": "CLIP b×M accum.",
-              "msd-b-accum": "MSD b×M accum.", "msd-b-accum-k0": "MSD, no queue"}
+MSD_LABELS = {"clip-b": "CLIP b", "clip-b-accum": "CLIP b×M accum.", "msd": "MSD b×M", "clip-Mb": "CLIP M·b",
+              "msd-alpha0": "MSD, α 0", "msd-queue": "MSD, queue"}
 
 
 def plot_msd(report: dict, path: str):
     summary = report["summary"]
     kinds = list(summary)
-    panels = (("zero_shot_acc", "zero-shot accuracy", True), ("probe_acc", "few-shot probe accuracy", True),
+    panels = (("i2t_r1", "image→text R@1", True), ("probe_auc", "5-shot probe AUC", True),
               ("saved_activations_mb", "saved activations (MB)", False))
     panels = [p for p in panels if any(p[0] in summary[k] for k in kinds)]
     figure, axes = new_figure(1, len(panels), width=3.4, height=3.2)

@@ -5,10 +5,5 @@ from .plugin import TEACHER_ENCODER_DIR, CCDPlugin
 from .recognizer import CTCRecognizer, export_teacher_encoder, teacher_encoder
 from .vit import CCDViT, CCDViTConfig, ccd_vit
 
-try:
-    from . import recipes  # noqa: F401  (registers the recipe builders ccd-vit and ccd-rendered-words)
-except ImportError:  # a core without recipe support: the plugin itself still works
-    pass
-
 __all__ = ["CCDPlugin", "CCDConfig", "ViewConfig", "CCDViT", "CCDViTConfig", "ccd_vit", "CTCRecognizer",
            "teacher_encoder", "export_teacher_encoder", "TEACHER_ENCODER_DIR"]

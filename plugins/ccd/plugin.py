@@ -50,6 +50,7 @@ class CCDPlugin(DistillationPlugin):
     teacher_policy = "none"
     extra_inputs = ("ccd_seed",)
     demo = "vlmdistill.eval.experiments.ccd:main"
+    recipe_builders = "vlmdistill.plugins.ccd.recipes"
 
     def __init__(self, config: CCDConfig, **runtime: Any) -> None:
         super().__init__(config, **runtime)
@@ -158,11 +159,11 @@ class CCDPlugin(DistillationPlugin):
             with full_precision(pixels.device):
                 distill = self.student_head(tokens.new_zeros(1, spec.width)).sum() * 0.0
         loss = cfg.seg_weight * seg + cfg.distill_weight * distill
-        terms = {"seg": seg.detach(), "distill": distill.detach(),
-                 "paired_characters": torch.tensor(n / b, device=seg.device),
-                 "teacher_entropy": teacher_entropy(teacher_logits.detach(), self._centre.value, sample_index, b,
-                                                    cfg.teacher_temperature)}
-        return DistillationResult(output=output, loss=loss, loss_terms=terms)
+        terms = {"seg": seg.detach(), "distill": distill.detach()}
+        metrics = {"paired_characters": torch.tensor(n / b, device=seg.device),
+                   "teacher_entropy": teacher_entropy(teacher_logits.detach(), self._centre.value, sample_index, b,
+                                                      cfg.teacher_temperature)}
+        return DistillationResult(output=output, loss=loss, loss_terms=terms, metrics=metrics)
 
     def _image_key(self, inputs: dict[str, Any]) -> str:
         for key in (self.spec.input_name, "pixel_values", "x"):

@@ -12,6 +12,8 @@ import re
 import numpy as np
 import torch
 
+from vlmdistill.extras import require
+
 from .recognizer import DEFAULT_CHARSET
 
 IMAGE_SIZE = (32, 128)
@@ -28,7 +30,7 @@ _FONT_FILES = (
 
 @functools.lru_cache(maxsize=1)
 def font_paths() -> tuple[str, ...]:
-    import matplotlib
+    matplotlib = require("matplotlib", "rendering text images (its bundled fonts)")
 
     folder = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
     paths = tuple(os.path.join(folder, name) for name in _FONT_FILES if os.path.isfile(os.path.join(folder, name)))

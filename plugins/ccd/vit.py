@@ -140,7 +140,12 @@ class CCDViT(nn.Module):
         return CCDViTOutput(last_hidden_state=self.norm(x))
 
     # ------------------------------------------------------------------------------- persistence
-    def save_pretrained(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None, **_: Any) -> None:
+    def save_pretrained(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None, *,
+                        is_main_process: bool = True) -> None:
+        """config.json + model.safetensors; `is_main_process=False` (a Trainer rank that must not save) writes
+        nothing."""
+        if not is_main_process:
+            return
         os.makedirs(directory, exist_ok=True)
         payload = {"model_type": MODEL_TYPE, **dataclasses.asdict(self.config)}
         with open(os.path.join(directory, CONFIG_NAME), "w") as fh:

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from vlmdistill.errors import DataError
@@ -143,10 +143,41 @@ class TeacherCacheWriter:
         return path
 
 
-class TeacherFeatureCache:
-    """Read side: an index of (key, seed) -> (shard, row), shards loaded on demand (LRU)."""
+class _OpenShard:
+    """One shard file, memory-mapped: rows are read on demand, nothing is loaded whole but its text offsets."""
 
-    def __init__(self, directory: str, *, shards_in_memory: int = 16) -> None:
+    def __init__(self, path: str) -> None:
+        self.handle = safe_open(path, framework="pt")
+        self.names = set(self.handle.keys())
+        self.offsets = self.handle.get_tensor("text_offsets").tolist() if "text_offsets" in self.names else None
+
+    def rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """`name[rows]`, reading each run of consecutive rows with one slice."""
+        order = sorted(set(rows))
+        runs, start = [], order[0]
+        for prev, row in zip(order, order[1:] + [None]):
+            if row != prev + 1:
+                runs.append((start, prev + 1))
+                start = row
+        sliced = self.handle.get_slice(name)
+        block = torch.cat([sliced[a:b] for a, b in runs]) if len(runs) > 1 else sliced[runs[0][0]:runs[0][1]]
+        if order == rows:
+            return block
+        where = {row: i for i, row in enumerate(order)}
+        return block[[where[r] for r in rows]]
+
+    def span(self, name: str, row: int) -> torch.Tensor:
+        """The ragged text rows of sample `row`."""
+        return self.handle.get_slice(name)[self.offsets[row]:self.offsets[row + 1]]
+
+
+class TeacherFeatureCache:
+    """Read side: an index of (key, seed) -> (shard, row); features are read row by row from memory-mapped shard
+    files, so the cache holds the features of the batch being looked up and nothing more (plus, per open shard,
+    its text offsets: 8 bytes a sample; at most `open_shards` files are open at once). The index costs about
+    200 bytes per cached sample."""
+
+    def __init__(self, directory: str, *, open_shards: int = 8) -> None:
         path = os.path.join(directory, MANIFEST_NAME)
         if not os.path.isfile(path):
             raise DataError(f"teacher cache {directory} has no {MANIFEST_NAME}; build it with "
@@ -156,8 +187,8 @@ class TeacherFeatureCache:
         if self.manifest.get("format") != CACHE_FORMAT or self.manifest.get("version") != CACHE_VERSION:
             raise DataError(f"{path} is not a version-{CACHE_VERSION} dcclip teacher cache; {REBUILD_HINT}")
         self.directory = directory
-        self.shards_in_memory = max(int(shards_in_memory), 1)
-        self._loaded: collections.OrderedDict[int, dict[str, torch.Tensor]] = collections.OrderedDict()
+        self.open_shards = max(int(open_shards), 1)
+        self._open: collections.OrderedDict[int, _OpenShard] = collections.OrderedDict()
         self.index: dict[tuple[str, int], tuple[int, int]] = {}
         for shard_idx, shard in enumerate(self.manifest["shards"]):
             file = os.path.join(directory, shard["file"])
@@ -180,6 +211,14 @@ class TeacherFeatureCache:
 
     def __contains__(self, item: tuple[str, int]) -> bool:
         return item in self.index
+
+    def close(self) -> None:
+        """Close the open shard files (the index stays: lookups reopen them)."""
+        self._open.clear()
+
+    @property
+    def open_files(self) -> int:
+        return len(self._open)
 
     # ------------------------------------------------------------------ checks
     def check(self, *, teacher_fingerprint: str | None, taps: dict | None, data_fingerprint: str | None,
@@ -206,41 +245,54 @@ class TeacherFeatureCache:
                             f"{REBUILD_HINT}")
 
     # ------------------------------------------------------------------ lookup
-    def _shard(self, shard_idx: int) -> dict[str, torch.Tensor]:
-        if shard_idx in self._loaded:
-            self._loaded.move_to_end(shard_idx)
-            return self._loaded[shard_idx]
-        tensors = load_file(os.path.join(self.directory, self.manifest["shards"][shard_idx]["file"]))
-        self._loaded[shard_idx] = tensors
-        while len(self._loaded) > self.shards_in_memory:
-            self._loaded.popitem(last=False)
-        return tensors
+    def _shard(self, shard_idx: int) -> _OpenShard:
+        if shard_idx in self._open:
+            self._open.move_to_end(shard_idx)
+            return self._open[shard_idx]
+        opened = _OpenShard(os.path.join(self.directory, self.manifest["shards"][shard_idx]["file"]))
+        self._open[shard_idx] = opened
+        while len(self._open) > self.open_shards:
+            self._open.popitem(last=False)
+        return opened
 
     def missing(self, keys: list[str], seeds: list[int]) -> list[int]:
         """Positions of the samples not in the cache."""
         return [i for i, (k, s) in enumerate(zip(keys, seeds)) if (k, int(s)) not in self.index]
+
+    def _gather(self, places: list[tuple[int, int]], name: str) -> torch.Tensor:
+        """`name` of every sample in `places` (shard, row), in that order; one read per shard and run of rows."""
+        by_shard: dict[int, list[int]] = collections.defaultdict(list)
+        for i, (shard, _) in enumerate(places):
+            by_shard[shard].append(i)
+        out = None
+        for shard, positions in by_shard.items():
+            block = self._shard(shard).rows(name, [places[i][1] for i in positions])
+            if out is None:
+                out = block.new_empty(len(places), *block.shape[1:])
+            out[positions] = block
+        return out
 
     def lookup(self, keys: list[str], seeds: list[int], length: int | None, *, ids: torch.Tensor | None = None,
                mask: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
                check_inputs: bool = True) -> TowerFeatures:
         """Features of a batch; text rows padded to `length` positions. With `check_inputs`, the batch's
         token ids and pixel statistics must match those the cache was built from."""
-        rows = []
+        places = []
         for key, seed in zip(keys, seeds):
             where = self.index.get((key, int(seed)))
             if where is None:
                 raise DataError(f"teacher cache {self.directory} has no features for sample {key!r} with "
                                 f"augmentation seed {int(seed)}; {REBUILD_HINT} over the training data")
-            rows.append(where)
-        self.hits += len(rows)
-        shards = [self._shard(s) for s, _ in rows]
+            places.append(where)
+        self.hits += len(places)
+        shards = [self._shard(s) for s, _ in places]
+        names = shards[0].names
         out = TowerFeatures()
         for name in ("image_map", "image_embeds", "text_embeds"):
-            if name in shards[0]:
-                setattr(out, name, torch.stack([shard[name][r] for shard, (_, r) in zip(shards, rows)]))
-        if "text_tokens" in shards[0]:
-            spans = [(int(shard["text_offsets"][r]), int(shard["text_offsets"][r + 1])) for shard, (_, r) in
-                     zip(shards, rows)]
+            if name in names:
+                setattr(out, name, self._gather(places, name))
+        if "text_tokens" in names:
+            spans = [(shard.offsets[r], shard.offsets[r + 1]) for shard, (_, r) in zip(shards, places)]
             longest = max(b - a for a, b in spans)
             length = longest if length is None else length
             if longest > length:
@@ -249,16 +301,18 @@ class TeacherFeatureCache:
                                 f"but the batch has only {length} positions (tokenizer or max length changed); "
                                 f"{REBUILD_HINT}")
             width = self.features["text_tokens"][0]
-            tokens = torch.zeros(len(rows), length, width, dtype=shards[0]["text_tokens"].dtype)
-            mask = torch.zeros(len(rows), length, dtype=torch.bool)
-            for i, (shard, (a, b)) in enumerate(zip(shards, spans)):
-                tokens[i, :b - a] = shard["text_tokens"][a:b]
-                mask[i, :b - a] = shard["text_mask"][a:b].bool()
-            out.text_tokens, out.text_mask = tokens, mask
-            if check_inputs and ids is not None and "text_ids" in shards[0]:
-                self._check_ids(keys, seeds, shards, spans, ids, mask)
-        if check_inputs and pixels is not None and "pixel_stats" in shards[0]:
-            stored = torch.stack([shard["pixel_stats"][r] for shard, (_, r) in zip(shards, rows)])
+            rows = [shard.span("text_tokens", r) for shard, (_, r) in zip(shards, places)]
+            tokens = torch.zeros(len(places), length, width, dtype=rows[0].dtype)
+            text_mask = torch.zeros(len(places), length, dtype=torch.bool)
+            for i, (shard, (_, r), row) in enumerate(zip(shards, places, rows)):
+                tokens[i, :row.shape[0]] = row
+                text_mask[i, :row.shape[0]] = shard.span("text_mask", r).bool()
+            out.text_tokens, out.text_mask = tokens, text_mask
+            if check_inputs and ids is not None and "text_ids" in names:
+                cached_ids = [shard.span("text_ids", r) for shard, (_, r) in zip(shards, places)]
+                self._check_ids(keys, seeds, cached_ids, ids, mask)
+        if check_inputs and pixels is not None and "pixel_stats" in names:
+            stored = self._gather(places, "pixel_stats")
             now = pixel_statistics(pixels)
             close = torch.isclose(now, stored, rtol=1e-4, atol=1e-6).all(dim=1)
             if not bool(close.all()):
@@ -269,13 +323,14 @@ class TeacherFeatureCache:
                                 f"augmentation changed; {REBUILD_HINT}")
         return out
 
-    def _check_ids(self, keys, seeds, shards, spans, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _check_ids(self, keys, seeds, cached_ids: list[torch.Tensor], ids: torch.Tensor,
+                   mask: torch.Tensor | None) -> None:
         ids = ids.detach().cpu()
         lengths = _valid_lengths(mask.cpu()).tolist() if mask is not None else None
-        for i, (shard, (a, b)) in enumerate(zip(shards, spans)):
-            cached = shard["text_ids"][a:b]
-            same_length = lengths is None or lengths[i] == b - a
-            if not same_length or ids.shape[1] < b - a or not torch.equal(ids[i, :b - a], cached):
+        for i, cached in enumerate(cached_ids):
+            n = cached.shape[0]
+            same_length = lengths is None or lengths[i] == n
+            if not same_length or ids.shape[1] < n or not torch.equal(ids[i, :n], cached):
                 raise DataError(f"teacher cache {self.directory} is stale for sample {keys[i]!r} (augmentation seed "
                                 f"{int(seeds[i])}): its token ids differ from those the teacher saw (tokenizer or "
                                 f"caption changed); {REBUILD_HINT}")

@@ -42,7 +42,11 @@ class DCCLIPConfig(PluginConfig):
         None, "switch after this many epochs; needs steps_per_epoch (the switch runs in the per-step hook)", ge=1)
     steps_per_epoch: Optional[int] = option(None, "optimizer steps per epoch, for switch_at_epoch", ge=1)
     release_teacher_at_switch: bool = option(
-        True, "drop the plugin's reference to the teacher when stage 2 starts, so its memory can be freed")
+        True, "drop the plugin's references to the teacher and the teacher-feature cache when stage 2 starts, so "
+              "their memory can be freed")
+    restart_optimizer_at_switch: bool = option(
+        True, "stage 2 starts with a fresh optimizer state and its own learning-rate schedule and warm-up "
+              "(DistillationTrainer and recipes do it; a hand-written loop does it when step_end() returns True)")
 
     # ---------------------------------------------------------------- stage 1
     image_weight: float = option(1.0, "lambda of the image-tower feature loss", ge=0.0)

@@ -35,6 +35,7 @@ from PIL import Image
 from vlmdistill.data.image_text import (OPENAI_MEAN, OPENAI_STD, ClipImageTransform,  # noqa: F401 (re-exported)
                                         ImageTextCollator, Style, tokenize_caption)
 from vlmdistill.errors import ConfigError, DataError
+from vlmdistill.extras import require
 
 logger = logging.getLogger("vlmdistill.dcclip.data")
 
@@ -66,7 +67,7 @@ def _encode_image(image: Any, image_format: str) -> bytes:
 def write_image_text_shards(samples: Iterable[ImageTextSample], directory: str, *, samples_per_shard: int = 1000,
                             image_format: Literal["png", "jpg"] = "png") -> str:
     """Write `shard-00000.tar`, ... and `shards.json`; returns the manifest path."""
-    import webdataset as wds
+    wds = require("webdataset", "writing webdataset shards")
 
     os.makedirs(directory, exist_ok=True)
     counts: collections.Counter = collections.Counter()
@@ -123,6 +124,7 @@ class ImageTextShards(torch.utils.data.IterableDataset):
     under the HF Trainer / accelerate, which split the stream themselves).
     teacher_transform: the teacher's own preprocessing, when it differs (samples then carry
     `teacher_pixel_values`, the same crop seen the teacher's way).
+    teacher_tokenizer: the teacher's own tokenizer, when it differs (samples then carry `teacher_input_ids`).
     on_error: 'skip' — a missing or corrupt shard, or an undecodable sample, is logged with its shard
     name and counted in `stats.skipped_samples`, and the pass goes on; 'stop' — raise `DataError`
     naming the shard.
@@ -132,7 +134,8 @@ class ImageTextShards(torch.utils.data.IterableDataset):
                  max_length: int | None = None, shuffle_buffer: int = 0, shardshuffle: int | bool = False,
                  seed: int = 0, on_error: Literal["skip", "stop"] = "skip", augmentation_seeds: int = 1,
                  languages: Sequence[str] | None = None, split_by_node: bool = False,
-                 teacher_transform: Callable | None = None) -> None:
+                 teacher_transform: Callable | None = None, teacher_tokenizer: Any = None,
+                 teacher_style: Style = "hf", teacher_max_length: int | None = None) -> None:
         super().__init__()
         if on_error not in ("skip", "stop"):
             raise ConfigError(f"on_error={on_error!r}; valid: ['skip', 'stop']")
@@ -152,6 +155,8 @@ class ImageTextShards(torch.utils.data.IterableDataset):
         self.languages = set(languages) if languages else None
         self.split_by_node = bool(split_by_node)
         self.teacher_transform = teacher_transform
+        self.teacher_tokenizer, self.teacher_style = teacher_tokenizer, teacher_style
+        self.teacher_max_length = teacher_max_length
         self.epoch = 0
         self.stats = LoaderStats()
 
@@ -169,6 +174,8 @@ class ImageTextShards(torch.utils.data.IterableDataset):
                    "max_length": self.max_length, "augmentation_seeds": self.augmentation_seeds}
         if self.teacher_transform is not None:
             payload["teacher_transform"] = self.teacher_transform.describe()
+        if self.teacher_tokenizer is not None:
+            payload["teacher_tokenizer"] = tokenizer_identity(self.teacher_tokenizer)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
     # ------------------------------------------------------------------ errors
@@ -210,7 +217,7 @@ class ImageTextShards(torch.utils.data.IterableDataset):
         return {"image": image, "caption": raw["txt"].decode("utf-8"), "language": language}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        import webdataset as wds
+        wds = require("webdataset", "reading webdataset shards")
 
         self.stats = LoaderStats()
         seed = self.seed + self.epoch
@@ -249,6 +256,10 @@ class ImageTextShards(torch.utils.data.IterableDataset):
                     "caption": decoded["caption"], "language": decoded["language"]}
             if self.teacher_transform is not None:
                 item["teacher_pixel_values"] = self.teacher_transform(decoded["image"], key, augmentation_seed)
+            if self.teacher_tokenizer is not None:
+                item["teacher_input_ids"] = tokenize_caption(self.teacher_tokenizer, decoded["caption"],
+                                                             style=self.teacher_style,
+                                                             max_length=self.teacher_max_length)
             yield item
 
 

@@ -11,6 +11,7 @@ points of open_clip towers:
 | HF SigLIP | `vision_model.post_layernorm` (no class token) | `text_model.final_layer_norm` |
 | open_clip ViT | `visual.transformer` (class token dropped) | `ln_final` (`text.ln_final` for custom text towers) |
 | open_clip ResNet | `visual.layer4` (a feature map) | as above |
+| HF VisionTextDualEncoder | `vision_model` (its `last_hidden_state`; leading tokens beyond the patch grid dropped) | `text_model` (its `last_hidden_state`) |
 
 Anything else needs `TowerTaps` overrides or is refused with `UnsupportedModelError`.
 """
@@ -31,12 +32,13 @@ from vlmdistill.hooks import get_submodule
 from .config import TowerTaps
 
 HF_FAMILIES = ("clip", "altclip", "chinese_clip", "siglip")
+DUAL_ENCODER = "vision-text-dual-encoder"
 _HF_TEXT_TAP = {"clip": "text_model.final_layer_norm", "altclip": "text_model.pre_LN",
                 "chinese_clip": "text_model.encoder", "siglip": "text_model.final_layer_norm"}
 _HF_IMAGE_TAP = {"clip": ("vision_model.encoder", 1), "altclip": ("vision_model.encoder", 1),
                  "chinese_clip": ("vision_model.encoder", 1), "siglip": ("vision_model.post_layernorm", 0)}
-SUPPORTED = ("transformers CLIPModel, AltCLIPModel, ChineseCLIPModel, SiglipModel; open_clip CLIP / CustomTextCLIP "
-             "with a VisionTransformer or ModifiedResNet image tower")
+SUPPORTED = ("transformers CLIPModel, AltCLIPModel, ChineseCLIPModel, SiglipModel, VisionTextDualEncoderModel; "
+             "open_clip CLIP / CustomTextCLIP with a VisionTransformer or ModifiedResNet image tower")
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -49,7 +51,7 @@ def _pair(value: Any) -> tuple[int, int]:
 class ClipModelSpec:
     family: str                     # "hf:clip", "open_clip:vit", ...
     image_module: str
-    image_prefix_tokens: int
+    image_prefix_tokens: Optional[int]  # None: whatever precedes the patch grid (the grid follows from patch_size)
     image_dim: int
     text_module: str
     text_dim: int
@@ -118,11 +120,19 @@ class ClipModelSpec:
         if captured.dim() != 3 or captured.shape[0] != pixels.shape[0]:
             raise UnsupportedModelError(f"{self.family}: image tap {self.image_module!r} gave shape "
                                         f"{tuple(captured.shape)}; expected [B, tokens, width] or [B, C, H, W]")
-        tokens = captured[:, self.image_prefix_tokens:]
-        n = tokens.shape[1]
         if self.patch_size is not None:
             h, w = pixels.shape[-2] // self.patch_size[0], pixels.shape[-1] // self.patch_size[1]
         else:
+            h = w = None
+        prefix = self.image_prefix_tokens
+        if prefix is None:
+            prefix = captured.shape[1] - h * w if h is not None else 0
+            if prefix < 0:
+                raise UnsupportedModelError(f"{self.family}: image tap {self.image_module!r} gave {captured.shape[1]} "
+                                            f"tokens, fewer than the {h}x{w} patch grid; set image_prefix_tokens")
+        tokens = captured[:, prefix:]
+        n = tokens.shape[1]
+        if h is None:
             h = w = int(math.isqrt(n))
         if h * w != n:
             side = math.isqrt(n)
@@ -150,6 +160,20 @@ def _hf_spec(model: nn.Module, family: str) -> ClipModelSpec:
     return ClipModelSpec(family=f"hf:{family}", image_module=image_module, image_prefix_tokens=prefix,
                          image_dim=vision.hidden_size, text_module=_HF_TEXT_TAP[family], text_dim=text.hidden_size,
                          embed_dim=embed_dim, image_size=_pair(vision.image_size), patch_size=_pair(vision.patch_size),
+                         vocab_size=getattr(text, "vocab_size", None), pad_id=getattr(text, "pad_token_id", None))
+
+
+def _dual_encoder_spec(model: nn.Module) -> ClipModelSpec:
+    """`VisionTextDualEncoderModel`: any transformers vision tower and text tower, each read at its
+    `last_hidden_state` (the tower's own output), so any pairing works without knowing its internals."""
+    config = model.config
+    vision, text = config.vision_config, config.text_config
+    patch = getattr(vision, "patch_size", None)
+    image_dim = getattr(vision, "hidden_size", None) or (getattr(vision, "hidden_sizes", None) or [0])[-1]
+    return ClipModelSpec(family=f"hf:{DUAL_ENCODER}", image_module="vision_model", image_prefix_tokens=None,
+                         image_dim=int(image_dim), text_module="text_model", text_dim=text.hidden_size,
+                         embed_dim=int(config.projection_dim), image_size=_pair(vision.image_size),
+                         patch_size=_pair(patch) if patch is not None else None,
                          vocab_size=getattr(text, "vocab_size", None), pad_id=getattr(text, "pad_token_id", None))
 
 
@@ -188,6 +212,8 @@ def describe_model(model: nn.Module, taps: TowerTaps | None = None, *, role: str
     model_type = getattr(getattr(inner, "config", None), "model_type", None)
     if model_type in HF_FAMILIES and hasattr(inner, "vision_model") and hasattr(inner, "text_model"):
         spec = _hf_spec(inner, model_type)
+    elif model_type == DUAL_ENCODER and hasattr(inner, "vision_model") and hasattr(inner, "text_model"):
+        spec = _dual_encoder_spec(inner)
     elif type(inner).__module__.startswith("open_clip") and hasattr(inner, "visual") and hasattr(inner, "encode_text"):
         spec = _open_clip_spec(inner)
     else:

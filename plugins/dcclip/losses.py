@@ -87,16 +87,27 @@ def _world() -> int:
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows, in rank order, with gradient flowing back to each rank's own rows."""
-    if _world() == 1:
+    """All ranks' rows, in rank order, with gradient flowing back to each rank's own rows. Ranks may hold
+    different numbers of rows (a ragged last batch): the row counts are exchanged first and every rank sends
+    its rows padded to the largest count, since an all-gather of unequal shapes fails or hangs."""
+    world = _world()
+    if world == 1:
         return x
     import warnings
 
     from torch.distributed.nn.functional import all_gather
 
+    count = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    longest = max(counts)
+    if x.shape[0] < longest:
+        x = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])])
     with warnings.catch_warnings():  # deprecated in favour of functional collectives, still differentiable
         warnings.simplefilter("ignore", FutureWarning)
-        return torch.cat(all_gather(x.contiguous()), dim=0)
+        parts = all_gather(x.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0)
 
 
 def symmetric_info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, *,

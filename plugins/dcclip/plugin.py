@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmdistill.data.image_text import decode_keys
-from vlmdistill.distributed import gathered_parameters
+from vlmdistill.distributed import gathered_parameters, is_zero3
 from vlmdistill.errors import ConfigError, DataError, IncompatibleTeacherError, UnsupportedModelError
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
 
 from . import export
 from .cache import TeacherCacheWriter, TeacherFeatureCache, module_fingerprint, teacher_dims
-from .compat import check_token_level_text, tokenizer_identity
+from .compat import check_eos_pooling, check_pooling_on_batch, check_token_level_text, tokenizer_identity
 from .config import DCCLIPConfig
 from .families import ClipModelSpec, describe_model
 from .features import ModelTaps, TowerFeatures
@@ -46,6 +46,7 @@ class DCCLIPPlugin(DistillationPlugin):
                     "teacher_attention_mask")
     runtime_args = ("student_tokenizer", "teacher_tokenizer", "data_fingerprint", "open_clip_config")
     demo = "vlmdistill.eval.experiments.dcclip:main"
+    recipe_builders = "vlmdistill.plugins.dcclip.recipes"
     #: `vlmdistill cache-teacher RECIPE.yaml`: precompute the teacher features of a recipe's data
     commands = {"cache-teacher": "vlmdistill.plugins.dcclip.recipes:cache_teacher_main"}
 
@@ -60,26 +61,30 @@ class DCCLIPPlugin(DistillationPlugin):
         self.cache: TeacherFeatureCache | None = None
         self._student_taps: ModelTaps | None = None
         self._teacher_taps: ModelTaps | None = None
+        self._pooling_checked = self._teacher_pooling_checked = False  # first batch only
         object.__setattr__(self, "_student", None)  # a plain attribute: never registered a second time
 
     # ------------------------------------------------------------------ wrap
     def check_compatibility(self, student: nn.Module) -> None:
         cfg = self.config
         self.student_spec = describe_model(student, cfg.student_taps, role="student")
+        check_eos_pooling(student, self.runtime.get("student_tokenizer"), "student")
         if cfg.stage == 1:
             self._prepare_stage1(student)
         self._prepare_logit_scale(student)
 
     def _prepare_stage1(self, student: nn.Module) -> None:
         cfg = self.config
+        s_tok, t_tok = self.runtime.get("student_tokenizer"), self.runtime.get("teacher_tokenizer")
         if self.teacher is not None:
             self.teacher_spec = describe_model(self.teacher, cfg.teacher_taps, role="teacher")
+            # without its own tokenizer the teacher reads the student's token ids
+            check_eos_pooling(self.teacher, t_tok if t_tok is not None else s_tok, "teacher")
         if cfg.teacher_cache:
             self.cache = TeacherFeatureCache(cfg.teacher_cache)
         if self.teacher_spec is None and self.cache is None:
             raise ConfigError("dcclip stage 1 needs teacher=... or teacher_cache=<directory of cached teacher "
                               "features>; stage 2 alone (stage=2) needs neither")
-        s_tok, t_tok = self.runtime.get("student_tokenizer"), self.runtime.get("teacher_tokenizer")
         if cfg.text_weight > 0 and cfg.text_level == "tokens":
             if self.teacher_spec is not None:
                 check_token_level_text(self.student_spec, self.teacher_spec, s_tok, t_tok)
@@ -145,16 +150,42 @@ class DCCLIPPlugin(DistillationPlugin):
         if self.teacher is not None and self.teacher_spec is not None:
             self._teacher_taps = ModelTaps(self.teacher, self.teacher_spec, hooks, role="teacher")
 
+    def stage_boundaries(self) -> tuple[int, ...]:
+        switch = self.config.switch_step()
+        if self.config.restart_optimizer_at_switch and self.config.stage == 1 and switch is not None:
+            return (switch,)
+        return ()
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters this optimizer step leaves without a gradient: what the current stage does not
+        use (stage 1: the logit scale, and without the embedding term the projections and pooling heads past the
+        feature taps; stage 2: the adapters). They join no loss (not even with weight 0, which would give them a
+        zero gradient that AdamW decays and counts as a step), so the optimizer skips them; naming them gives them
+        the fresh optimizer state of `vlmdistill.frozen`, so every trainable parameter has a state to checkpoint
+        and a sharded checkpoint taken in either stage loads strictly. Read right before each optimizer step, after
+        backward and any DDP / FSDP2 gradient reduction: a parameter no rank used has no gradient there."""
+        student = self._student.parameters() if self._student is not None else ()
+        # ZeRO-3 keeps every gradient in its partitions (`.grad` is always None there); the wrapper finds the
+        # parameters without one itself (`vlmdistill.frozen`).
+        return [p for p in (*self.parameters(), *student) if p.requires_grad and p.grad is None and not is_zero3(p)]
+
+    def _teacher_tokenizer_differs(self) -> bool:
+        s_tok, t_tok = self.runtime.get("student_tokenizer"), self.runtime.get("teacher_tokenizer")
+        return s_tok is not None and t_tok is not None and tokenizer_identity(s_tok) != tokenizer_identity(t_tok)
+
     # --------------------------------------------------------------- forward
     def forward(self, student: nn.Module, inputs: dict[str, Any], extras: dict[str, Any],
                 num_items_in_batch: Any = None) -> DistillationResult:
+        if not self._pooling_checked:
+            # once: a CLIP text tower must pool each caption at its end-of-text token (not at a word)
+            check_pooling_on_batch(student, self.student_spec.canonical(inputs)[1], "student")
+            self._pooling_checked = True
         if int(self.stage) == 2:
             out, loss, terms = self._stage2(student, inputs)
         else:
             out, loss, terms = self._stage1(student, inputs, extras)
-        # Parameters a stage does not use (logit scales in stage 1, adapters in stage 2) get no gradient at all,
-        # so the optimizer leaves them and their state alone; DDP needs find_unused_parameters=True (the
-        # Trainer's default for this wrapper).
+        # Parameters a stage does not use get no gradient at all (see frozen_parameters); DDP needs
+        # find_unused_parameters=True (the Trainer's default for this wrapper).
         return DistillationResult(output=out, loss=loss, loss_terms=terms)
 
     def logit_scale(self) -> nn.Parameter | None:
@@ -222,6 +253,11 @@ class DCCLIPPlugin(DistillationPlugin):
         t_mask = extras.get("teacher_attention_mask")
         t_pixels = pixels if t_pixels is None else t_pixels
         if t_ids is None:
+            if self._teacher_tokenizer_differs():
+                raise DataError("dcclip: the teacher has its own tokenizer (teacher_tokenizer differs from "
+                                "student_tokenizer), but the batch has no 'teacher_input_ids': the teacher would read "
+                                "the student's token ids. Tokenise each caption for the teacher too (the image-text "
+                                "data builders do it when given the teacher's tokenizer)")
             t_ids, t_mask = ids, mask
         elif t_mask is None:
             t_mask = (self.teacher_spec.derive_mask(t_ids) if self.teacher_spec is not None
@@ -283,6 +319,9 @@ class DCCLIPPlugin(DistillationPlugin):
         if self.config.resize_teacher_pixels and tuple(pixels.shape[-2:]) != spec.image_size:
             pixels = F.interpolate(pixels.float(), size=spec.image_size, mode="bicubic",
                                    align_corners=False).to(pixels.dtype)
+        if not self._teacher_pooling_checked:
+            check_pooling_on_batch(self.teacher, ids, "teacher")
+            self._teacher_pooling_checked = True
         with self._teacher_taps.record() as store:
             out = self.run_teacher(**spec.call_inputs(pixels, ids, mask))
         return self._teacher_taps.features(store, out, pixels, mask)
@@ -324,6 +363,9 @@ class DCCLIPPlugin(DistillationPlugin):
             if self.config.release_teacher_at_switch:
                 self._teacher_taps = None
                 object.__setattr__(self, "_teacher", None)
+                if self.cache is not None:  # stage 2 reads no teacher features
+                    self.cache.close()
+                    self.cache = None
         if int(self.stage) == 2:
             scale = self.logit_scale()
             if scale is not None:

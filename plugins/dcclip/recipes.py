@@ -12,7 +12,7 @@ recipe's data (every augmentation seed) and writes the cache to `config.teacher_
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+from typing import Any, Optional
 
 from vlmdistill.errors import ConfigError
 from vlmdistill.recipes import register_data_builder, register_model_builder
@@ -29,13 +29,18 @@ def _tokenizer(path: str):
 @register_model_builder("dcclip-hf-clip")
 def build_hf_clip(tokenizer: str, family: str = "clip", hidden: int = 32, layers: int = 2, heads: int = 2,
                   patch: int = 8, image_size: int = 24, projection: int = 32, max_positions: int = 32, seed: int = 0):
-    """A CLIPModel / AltCLIPModel / ChineseCLIPModel / SiglipModel whose text tower fits `tokenizer`."""
+    """A CLIPModel / AltCLIPModel / ChineseCLIPModel / SiglipModel whose text tower fits `tokenizer`. A CLIP text
+    tower pools at the tokenizer's end-of-text id; one it cannot pool at (XLM-R's `</s>` = 2, which transformers
+    reads as its legacy highest-id rule) is refused, naming the families that pool otherwise."""
+    from .compat import check_eos_pooling
     from .testing import tiny_hf_clip
 
     tok = _tokenizer(tokenizer)
-    return tiny_hf_clip(family, hidden=hidden, layers=layers, heads=heads, patch=patch, image_size=image_size,
-                        vocab=len(tok), max_positions=max_positions, projection=projection,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=seed)
+    model = tiny_hf_clip(family, hidden=hidden, layers=layers, heads=heads, patch=patch, image_size=image_size,
+                         vocab=len(tok), max_positions=max_positions, projection=projection,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=seed)
+    check_eos_pooling(model, tok, f"dcclip-hf-clip model (family {family!r})")
+    return model
 
 
 @register_data_builder("dcclip-image-text")
@@ -43,16 +48,20 @@ def build_image_text(student, teacher, shards: str, tokenizer: str, image_size: 
                      max_length: int = 32, shuffle_buffer: int = 1000, shardshuffle: int = 4, seed: int = 0,
                      on_error: str = "skip", augment: str = "none", augmentation_seeds: int = 1,
                      mean: Optional[list[float]] = None, std: Optional[list[float]] = None,
-                     image_processor: Optional[str] = None, teacher_image_processor: Optional[str] = None):
+                     image_processor: Optional[str] = None, teacher_image_processor: Optional[str] = None,
+                     teacher_tokenizer: Any = None):
     """(dataset, collator, wrap kwargs) over image–text shards, in the student's own input names; the wrap
-    kwargs give the plugin the tokenizer (for both towers) and the data fingerprint its cache checks.
+    kwargs give the plugin the student's tokenizer, the teacher's (when known: `teacher_tokenizer`, a folder, or
+    the one saved in the teacher's folder, which recipes pass) and the data fingerprint its cache checks.
 
     Preprocessing is the student's (`image_processor`, else its config); `image_size` / `mean` / `std`
     override it, and a size the student cannot take is refused here rather than at the first step. A teacher
-    that preprocesses otherwise (`teacher_image_processor`, else its folder or config) gets `teacher_pixel_values`."""
+    that preprocesses otherwise (`teacher_image_processor`, else its folder or config) gets `teacher_pixel_values`,
+    one that tokenises otherwise `teacher_input_ids`."""
     from torch import nn
 
-    from vlmdistill.data.image_text import ClipImageTransform, image_transform_for
+    from vlmdistill.data.image_text import (ClipImageTransform, image_transform_for, is_open_clip_model,
+                                            teacher_text_tokenizer, text_max_length)
 
     from .data import ImageTextCollator, ImageTextShards
     from .families import describe_model
@@ -67,15 +76,25 @@ def build_image_text(student, teacher, shards: str, tokenizer: str, image_size: 
         transform = ClipImageTransform(transform.image_size, mean or transform.mean, std or transform.std,
                                        augment=augment, resize_mode=transform.resize_mode,
                                        interpolation=transform.interpolation)
-    teacher_transform = None
+    teacher_transform = t_known = t_tok = None
+    t_style, t_length = "hf", max_length
     if isinstance(teacher, nn.Module):
         candidate = image_transform_for(teacher, teacher_image_processor, role="teacher", augment=augment)
         teacher_transform = candidate if candidate.describe() != transform.describe() else None
+        t_style = "open_clip" if is_open_clip_model(teacher) else "hf"
+        t_known, t_tok = teacher_text_tokenizer(teacher, teacher_tokenizer, tok, style, t_style, None)
+        t_length = (text_max_length(teacher, t_tok) or max_length) if t_tok is not None else max_length
     dataset = ImageTextShards(shards, transform, tok, style=style, max_length=max_length,
                               shuffle_buffer=shuffle_buffer, shardshuffle=shardshuffle, seed=seed, on_error=on_error,
-                              augmentation_seeds=augmentation_seeds, teacher_transform=teacher_transform)
-    runtime = {"student_tokenizer": tok, "teacher_tokenizer": tok, "data_fingerprint": dataset.fingerprint()}
-    return dataset, ImageTextCollator(tok.pad_token_id, style=style, pad_to=max_length), runtime
+                              augmentation_seeds=augmentation_seeds, teacher_transform=teacher_transform,
+                              teacher_tokenizer=t_tok, teacher_style=t_style, teacher_max_length=t_length)
+    runtime = {"student_tokenizer": tok, "data_fingerprint": dataset.fingerprint()}
+    if t_known is not None:  # the teacher's own tokenizer; never the student's in its place
+        runtime["teacher_tokenizer"] = t_known
+    collator = ImageTextCollator(tok.pad_token_id, style=style, pad_to=max_length,
+                                 teacher_pad_token_id=getattr(t_tok, "pad_token_id", None) if t_tok else None,
+                                 teacher_style=t_style, teacher_pad_to=t_length if t_tok is not None else None)
+    return dataset, collator, runtime
 
 
 def cache_teacher_main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ from torch import nn
 from vlmdistill.errors import DataError, UnsupportedModelError
 from vlmdistill.hf import forward_parameters, infer_width, loss_shifts_labels, output_width
 from vlmdistill.hooks import ActivationCapture, get_submodule
-from vlmdistill.losses import (auto_chunk_rows, divergence_loss, feature_loss, standardize_logits,
+from vlmdistill.losses import (auto_chunk_rows, divergence_loss, feature_loss, standardize_logits, supervised_rows,
                                task_and_distill_sums)
 from vlmdistill.plugin import DistillationPlugin, DistillationResult
 from vlmdistill.vocab import shared_vocabulary
@@ -153,7 +153,7 @@ class KDPlugin(DistillationPlugin):
         if logits.dim() == 2:  # one row per sample (classifiers)
             return (labels != -100) if use_labels and labels is not None and labels.dim() == 1 else None
         if use_labels:
-            rows = labels[:, 1:] != -100 if shifts else labels != -100
+            rows = supervised_rows(labels)[:, :-1] if shifts else labels != -100
         elif attention_mask is not None:
             rows = attention_mask[:, 1:].bool() if shifts else attention_mask.bool()
         else:

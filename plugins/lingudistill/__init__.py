@@ -1,7 +1,6 @@
 """LinguDistill (`plugin="lingudistill"`): layer-wise KV-cache sharing + selective distillation from a VLM's
 original language model."""
 
-from . import recipes  # noqa: F401  (registers the recipe builders)
 from .config import LinguDistillConfig
 from .plugin import LinguDistillPlugin
 

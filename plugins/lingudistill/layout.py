@@ -20,6 +20,8 @@ import dataclasses
 
 import torch
 
+from vlmdistill.losses import supervised_rows
+
 
 @dataclasses.dataclass
 class SequenceLayout:
@@ -113,9 +115,7 @@ def prompt_mask(labels: torch.Tensor, segments: torch.Tensor | None) -> torch.Te
 
 def distilled_rows(labels: torch.Tensor, kd_mask: torch.Tensor, readable: torch.Tensor) -> torch.Tensor:
     """[B, T] logit rows t whose target labels[t+1] is supervised, in distilled samples, at readable tokens."""
-    rows = torch.zeros_like(labels, dtype=torch.bool)
-    rows[:, :-1] = labels[:, 1:] != -100
-    return rows & kd_mask[:, None] & readable
+    return supervised_rows(labels) & kd_mask[:, None] & readable
 
 
 def build_layout(*, shared: torch.Tensor, distilled: torch.Tensor, valid: torch.Tensor,

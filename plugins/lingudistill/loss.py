@@ -10,19 +10,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from vlmdistill.losses import reference_divergence
-
-
-def supervised(labels: torch.Tensor) -> torch.Tensor:
-    """`[B, T]` logit rows t whose target labels[t+1] is supervised (the causal-LM shift)."""
-    rows = torch.zeros_like(labels, dtype=torch.bool)
-    rows[:, :-1] = labels[:, 1:] != -100
-    return rows
+from vlmdistill.losses import reference_divergence, supervised_rows
 
 
 def task_ce_sums(logits: torch.Tensor, labels: torch.Tensor, row_weight: torch.Tensor):
     """(Σ CE, Σ weight·CE) over supervised rows; `row_weight` `[B, T]` is the CE weight of each logit row."""
-    rows = supervised(labels)
+    rows = supervised_rows(labels)
     b, t = rows.nonzero(as_tuple=True)
     rows_logits = logits[b, t]
     ce = F.cross_entropy(rows_logits if rows_logits.dtype == torch.float64 else rows_logits.float(),

@@ -33,7 +33,7 @@ from .compat import (check_architectures, check_attention_features, check_attent
                      head_width, sliding_window)
 from .config import LinguDistillConfig
 from .families import text_decoder, visual_token_ids
-from vlmdistill.losses import auto_chunk_rows, task_and_distill_sums
+from vlmdistill.losses import auto_chunk_rows, supervised_rows, task_and_distill_sums
 from .layout import build_layout, distilled_rows, document_ids, prompt_mask
 from .loss import kd_sum, task_ce_sums
 from .selection import sample_kd_mask
@@ -76,6 +76,7 @@ class LinguDistillPlugin(DistillationPlugin):
     extra_inputs = ("kd_mask", "dataset")
     runtime_args = ("student_tokenizer", "teacher_tokenizer", "student_processor")
     demo = "vlmdistill.eval.experiments.lingudistill:main"
+    recipe_builders = "vlmdistill.eval.experiments.lingudistill_recipes"
 
     def __init__(self, config: LinguDistillConfig, **runtime: Any) -> None:
         super().__init__(config, **runtime)
@@ -200,7 +201,7 @@ class LinguDistillPlugin(DistillationPlugin):
 
         # Distilled rows weigh CE by 1 - alpha; every other row (unselected samples, image-token rows) keeps CE.
         row_weight = 1.0 - cfg.alpha * plan.distilled.to(logits.dtype)
-        denom = self.normaliser(int((labels[:, 1:] != -100).sum()), num_items_in_batch)
+        denom = self.normaliser(int(supervised_rows(labels).sum()), num_items_in_batch)
         hidden = self._teacher_hidden(plan, inputs["input_ids"]) if plan.state is not None else None
         with self._teacher_lm.head_available():
             total, ce_sum, kd = self._loss_sums(logits, labels, row_weight, plan, hidden)

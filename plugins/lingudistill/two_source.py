@@ -1,17 +1,20 @@
 """The teacher's attention over two K/V sources: the student's at shared positions, its own elsewhere.
 
 The teacher runs on its queries of all rows packed into one sequence (`layout.SequenceLayout`), so its
-projections and MLPs see no padding. Attention is per row: `PackedAttention` holds, once per forward, the row
-bounds and masks every layer reuses.
+projections and MLPs see no padding. Attention is per row, in blocks of queries: `PackedAttention` holds, once
+per forward, the blocks and masks every layer reuses.
 
-* `two_source_attention` (text-only pass): per row, masked SDPA over {shared keys} ∪ {own keys} on the CPU (or
-  with kernel="torch"); the fused Triton kernel of `vlmdistill.kernels` on CUDA, on the rows unpacked into a
-  padded batch (padding queries see no key, so their tiles are skipped).
+* `two_source_attention` (text-only pass): masked SDPA over {shared keys} ∪ {own keys} in sequence order, each
+  block of queries over the run of keys it can see, on the CPU (or with kernel="torch"); the fused Triton kernel
+  of `vlmdistill.kernels` on CUDA, on the rows unpacked into a padded batch (padding queries see no key, so their
+  tiles are skipped).
 * `replaced_attention` (full-length reference): the teacher's K/V with the student's written over the shared
   positions, then ordinary causal attention per row.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,20 @@ def fused_kernel():
     return two_source_attention
 
 
+#: queries per attention call: a block computes its keys' pairs in full, so its causal waste is ~ block² / 2
+QUERY_BLOCK = 128
+
+
+@dataclasses.dataclass
+class QueryBlock:
+    """One attention call: packed queries `queries` over keys `keys` of the merged key sequence."""
+
+    queries: slice
+    keys: slice
+    allowed: torch.Tensor          # [Tq, Tk] bool
+    empty: torch.Tensor | None     # [Tq] queries that see no key (None: there are none)
+
+
 def _visible(pos_q, pos_k, valid_k, seg_q=None, seg_k=None):
     """`[Tq, Tk]` bool: key j is visible to query i (causal by sequence index, same document, valid)."""
     allowed = (pos_k[None, :] <= pos_q[:, None]) & valid_k[None, :]
@@ -37,7 +54,7 @@ def _visible(pos_q, pos_k, valid_k, seg_q=None, seg_k=None):
 
 
 class PackedAttention:
-    """Row bounds and per-row masks of one packed teacher pass on one device, shared by all its layers."""
+    """Row bounds, attention blocks and masks of one packed teacher pass on one device, shared by all its layers."""
 
     def __init__(self, layout: SequenceLayout, device, *, full_length: bool):
         self.layout = layout = layout.to(device)
@@ -47,34 +64,62 @@ class PackedAttention:
         self.shared_bounds = list(zip(s_off[:-1], s_off[1:]))
         self.query_segments = layout.query_segments()
         self.shared_segments = layout.shared_segments()
-        self._masks: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._blocks: list[QueryBlock] | None = None
+        self._float_masks: dict[torch.dtype, list[torch.Tensor]] = {}
+        #: text-only pass: for each slot of the merged key sequence, its index in cat([shared keys, own keys])
+        self.key_order: torch.Tensor | None = None
         self._padded: dict | None = None
 
-    def row_masks(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per row: the `[1, 1, Tq, Tk]` SDPA mask (keys: shared then own; own only in the full-length pass) and the
-        queries that see no key at all (None when there are none): SDPA would give NaN there, they get 0."""
-        if self._masks is None:
+    def blocks(self) -> list[QueryBlock]:
+        """The attention calls of one layer, built once per forward. Each row's keys sit in sequence order in the
+        merged key sequence (`key_order`), so a block of consecutive queries sees a contiguous run of them: the
+        block attends to that run only (on the CPU, masked SDPA computes every (query, key) pair it is given)."""
+        if self._blocks is None:
             lay, seg_q, seg_s = self.layout, self.query_segments, self.shared_segments
-            masks = []
+            device = lay.query_index.device
+            blocks, orders = [], []
             for (qa, qb), (sa, sb) in zip(self.query_bounds, self.shared_bounds):
                 pos_q = lay.query_index[qa:qb]
                 sq = seg_q[qa:qb] if seg_q is not None else None
                 if self.full_length:
-                    allowed = _visible(pos_q, pos_q, torch.ones_like(pos_q, dtype=torch.bool), sq, sq)
+                    # the row's keys are its own queries, already in sequence order in the packed sequence
+                    pos_k, valid_k, seg_k = pos_q, torch.ones_like(pos_q, dtype=torch.bool), sq
                 else:
+                    # shared before own at equal positions (a distilled row at a shared position reads the student's)
                     pos_k = torch.cat([lay.shared_index[sa:sb], pos_q])
-                    valid_k = torch.cat([torch.ones(sb - sa, dtype=torch.bool, device=pos_q.device),
-                                         lay.own_valid[qa:qb]])
-                    seg_k = torch.cat([seg_s[sa:sb], sq]) if sq is not None else None
-                    allowed = _visible(pos_q, pos_k, valid_k, sq, seg_k)
-                empty = ~allowed.any(-1)
-                # 4-D: with a 3-D mask SDPA leaves its fused CPU kernel for the 3x slower math path
-                if bool(empty.any()):
-                    masks.append(((allowed | empty[:, None])[None, None], empty))
-                else:
-                    masks.append((allowed[None, None], None))
-            self._masks = masks
-        return self._masks
+                    order = torch.argsort(pos_k, stable=True)
+                    pos_k = pos_k[order]
+                    valid_k = torch.cat([torch.ones(sb - sa, dtype=torch.bool, device=device),
+                                         lay.own_valid[qa:qb]])[order]
+                    seg_k = torch.cat([seg_s[sa:sb], sq])[order] if sq is not None else None
+                    # index into cat([all shared keys, all own keys])
+                    source = torch.cat([torch.arange(sa, sb, device=device),
+                                        lay.shared_offsets[-1] + torch.arange(qa, qb, device=device)])[order]
+                    orders.append(source)
+                key_start = qa if self.full_length else qa + sa  # the row's first key in the merged sequence
+                for i in range(0, qb - qa, QUERY_BLOCK):
+                    j = min(i + QUERY_BLOCK, qb - qa)
+                    allowed = _visible(pos_q[i:j], pos_k, valid_k, sq[i:j] if sq is not None else None, seg_k)
+                    seen = allowed.any(0).nonzero()
+                    ka, kb = (int(seen[0]), int(seen[-1]) + 1) if len(seen) else (0, 1)
+                    allowed = allowed[:, ka:kb]
+                    empty = ~allowed.any(-1)
+                    blocks.append(QueryBlock(queries=slice(qa + i, qa + j), keys=slice(key_start + ka, key_start + kb),
+                                             allowed=allowed, empty=empty if bool(empty.any()) else None))
+            self.key_order = torch.cat(orders) if orders else None
+            self._blocks = blocks
+        return self._blocks
+
+    def masks(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Each block's `[1, 1, Tq, Tk]` additive mask in `dtype` (a boolean mask SDPA would convert at every call,
+        and a 3-D one sends it to the 3x slower math path on the CPU). Queries that see no key get a row of
+        zeros (SDPA would give NaN there) and are zeroed afterwards."""
+        if dtype not in self._float_masks:
+            self._float_masks[dtype] = [
+                torch.zeros(b.allowed.shape, dtype=dtype, device=b.allowed.device).masked_fill_(
+                    ~(b.allowed if b.empty is None else b.allowed | b.empty[:, None]), float("-inf"))[None, None]
+                for b in self.blocks()]
+        return self._float_masks[dtype]
 
     # ------------------------------------------------------------------ padded rows (for the fused kernel)
     def padded(self) -> dict:
@@ -127,27 +172,24 @@ def _row_and_column(counts: list[int], device) -> tuple[torch.Tensor, torch.Tens
     return row, torch.arange(int(count.sum()), device=device) - start[row]
 
 
-def _attend_rows(q, keys, values, plan: PackedAttention, scale: float) -> torch.Tensor:
-    """Per-row masked SDPA. `keys(r, qa, qb)` / `values(...)` give row r's `[1, Hkv, Tk, D]` keys and values
-    in the mask's order."""
+def _attend_blocks(q, k, v, plan: PackedAttention, scale: float) -> torch.Tensor:
+    """Masked SDPA block by block; k / v `[1, Hkv, Nk, D]` are the merged key sequence."""
     outs = []
-    for r, ((qa, qb), (allowed, empty)) in enumerate(zip(plan.query_bounds, plan.row_masks())):
-        k, v = keys(r, qa, qb), values(r, qa, qb)
-        out = F.scaled_dot_product_attention(q[:, :, qa:qb], k, v, attn_mask=allowed, scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-        outs.append(out if empty is None else out.masked_fill(empty[None, None, :, None], 0.0))
+    for block, mask in zip(plan.blocks(), plan.masks(q.dtype)):
+        out = F.scaled_dot_product_attention(q[:, :, block.queries], k[:, :, block.keys], v[:, :, block.keys],
+                                             attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        outs.append(out if block.empty is None else out.masked_fill(block.empty[None, None, :, None], 0.0))
     return torch.cat(outs, dim=2)
 
 
 def torch_two_source_attention(q, k_shared, v_shared, k_own, v_own, plan: PackedAttention, scale: float):
     """q `[1, Hq, Nq, D]`, own K/V `[1, Hkv, Nq, D]`, shared K/V `[1, Hkv, Ns, D]` (packed, GQA unexpanded);
     query i reads key j iff j comes no later in the row, is in the same document and is valid."""
-    bounds = plan.shared_bounds
-
-    def cat(shared, own):
-        return lambda r, qa, qb: torch.cat([shared[:, :, bounds[r][0]:bounds[r][1]], own[:, :, qa:qb]], dim=2)
-
-    return _attend_rows(q, cat(k_shared, k_own), cat(v_shared, v_own), plan, scale)
+    plan.blocks()
+    order = plan.key_order
+    k = torch.cat([k_shared, k_own], dim=2).index_select(2, order)
+    v = torch.cat([v_shared, v_own], dim=2).index_select(2, order)
+    return _attend_blocks(q, k, v, plan, scale)
 
 
 def _kernel_fits(q: torch.Tensor) -> bool:
@@ -180,4 +222,4 @@ def replaced_attention(q, k, v, k_shared, v_shared, plan: PackedAttention, scale
     slot = plan.layout.shared_slot
     k = k.index_copy(2, slot, k_shared.to(k.dtype))
     v = v.index_copy(2, slot, v_shared.to(v.dtype))
-    return _attend_rows(q, lambda r, qa, qb: k[:, :, qa:qb], lambda r, qa, qb: v[:, :, qa:qb], plan, scale)
+    return _attend_blocks(q, k, v, plan, scale)

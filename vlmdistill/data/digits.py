@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..extras import require
+
 DIGIT_NAMES_EN = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_NAMES_ZH = ["零", "一", "二", "三", "四", "五", "六", "七", "八", "九"]
 
@@ -18,7 +20,7 @@ def load_digits_images(size: int = 32, seed: int = 0, test_fraction: float = 0.2
 
     Returns (train_images, train_labels, test_images, test_labels).
     """
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets", "the bundled digit images").load_digits
 
     data = load_digits()
     images = torch.tensor(data.images, dtype=torch.float32) / 16.0  # 0..16 intensities

@@ -45,6 +45,9 @@ _FAMILY_PREPROCESSING = {
     "clip": (OPENAI_MEAN, OPENAI_STD, "shortest"), "altclip": (OPENAI_MEAN, OPENAI_STD, "shortest"),
     "chinese_clip": (OPENAI_MEAN, OPENAI_STD, "shortest"), "siglip": (HALF_MEAN_STD, HALF_MEAN_STD, "squash"),
     "siglip2": (HALF_MEAN_STD, HALF_MEAN_STD, "squash"),
+    # vision towers of a VisionTextDualEncoderModel
+    "clip_vision_model": (OPENAI_MEAN, OPENAI_STD, "shortest"),
+    "siglip_vision_model": (HALF_MEAN_STD, HALF_MEAN_STD, "squash"),
 }
 _RESIZE_MODES = ("shortest", "squash")
 _INTERPOLATIONS = ("bicubic", "bilinear")
@@ -221,7 +224,10 @@ def image_transform_for(model: Any, processor: Any = None, *, role: str = "stude
             mean, std = cfg.get("mean", OPENAI_MEAN), cfg.get("std", OPENAI_STD)
             resize_mode, interpolation = cfg.get("resize_mode", "shortest"), cfg.get("interpolation", "bicubic")
         else:
-            model_type = getattr(getattr(inner, "config", None), "model_type", None)
+            config = getattr(inner, "config", None)
+            model_type = getattr(config, "model_type", None)
+            if model_type == "vision-text-dual-encoder":  # preprocessing is its vision tower's
+                model_type = getattr(getattr(config, "vision_config", None), "model_type", model_type)
             if model_type not in _FAMILY_PREPROCESSING or expected is None:
                 raise ConfigError(f"the {role} ({model_type or type(inner).__name__}) has no image processor in its "
                                   f"folder and no known default preprocessing; pass {role}'s image_processor= (a "
@@ -617,20 +623,24 @@ class ImageTextPairs(torch.utils.data.Dataset):
         return item
 
 
-def _own_teacher_tokenizer(teacher, path, student_tokenizer, style, teacher_style, student_folder):
-    """The teacher's tokenizer when it tokenises differently from the student (else None): the one given, or the
-    one in the teacher's own folder."""
+def teacher_text_tokenizer(teacher: Any, path: Any, student_tokenizer: Any, style: Style, teacher_style: Style,
+                           student_folder: Optional[str]) -> tuple[Any, Any]:
+    """(the teacher's tokenizer when it is known, the same when it tokenises differently from the student).
+
+    Known: the one given (`path`: a folder or a tokenizer object), or the one saved in the teacher's own folder,
+    or open_clip's for an open_clip teacher. Unknown is None, never the student's tokenizer in its place: the
+    plugin then checks what it can (vocabulary sizes) rather than comparing the student's tokenizer with itself."""
     from ..vocab import tokenizer_identity
 
     folder = model_folder(teacher)
-    in_folder = folder is not None and folder != student_folder and os.path.isfile(
-        os.path.join(folder, "tokenizer_config.json"))
+    in_folder = folder is not None and os.path.isfile(os.path.join(folder, "tokenizer_config.json"))
     if path is None and not in_folder and teacher_style == style:
-        return None
-    candidate = load_text_tokenizer(teacher, path, role="teacher")
-    if teacher_style != style or tokenizer_identity(candidate) != tokenizer_identity(student_tokenizer):
-        return candidate
-    return None
+        return None, None
+    if path is None and in_folder and folder == student_folder:
+        return student_tokenizer, None
+    found = load_text_tokenizer(teacher, path, role="teacher")
+    differs = teacher_style != style or tokenizer_identity(found) != tokenizer_identity(student_tokenizer)
+    return found, (found if differs else None)
 
 
 @register_data_builder("image-text")
@@ -652,7 +662,7 @@ def build_image_text(student: Any, teacher: Any, path: str, tokenizer: Any = Non
     length = max_length or text_max_length(student, tok)
     transform = image_transform_for(student, image_processor, role="student", augment=augment,
                                     crop_scale=crop_scale, image_size=image_size)
-    t_transform = t_tok = None
+    t_transform = t_tok = t_known = None
     t_style: Style = "hf"
     t_length = length
     if isinstance(teacher, torch.nn.Module):
@@ -661,7 +671,7 @@ def build_image_text(student: Any, teacher: Any, path: str, tokenizer: Any = Non
         if candidate.describe() != transform.describe():  # the teacher sees its own view of the same crop
             t_transform = candidate
         t_style = "open_clip" if is_open_clip_model(teacher) else "hf"
-        t_tok = _own_teacher_tokenizer(teacher, teacher_tokenizer, tok, style, t_style, model_folder(student))
+        t_known, t_tok = teacher_text_tokenizer(teacher, teacher_tokenizer, tok, style, t_style, model_folder(student))
         t_length = text_max_length(teacher, t_tok) if t_tok is not None else length
     dataset = ImageTextPairs(source, transform, tok, style=style, max_length=length,
                              augmentation_seeds=augmentation_seeds, teacher_transform=t_transform,
@@ -670,6 +680,7 @@ def build_image_text(student: Any, teacher: Any, path: str, tokenizer: Any = Non
     t_pad = getattr(t_tok, "pad_token_id", None) if t_tok is not None else None
     collator = ImageTextCollator(pad_id, style=style, pad_to=length, teacher_pad_token_id=t_pad,
                                  teacher_style=t_style, teacher_pad_to=t_length)
-    runtime = {"student_tokenizer": tok, "teacher_tokenizer": t_tok if t_tok is not None else tok,
-               "data_fingerprint": dataset.fingerprint()}
+    runtime = {"student_tokenizer": tok, "data_fingerprint": dataset.fingerprint()}
+    if t_known is not None:  # the teacher's own; never the student's in its place
+        runtime["teacher_tokenizer"] = t_known
     return dataset, collator, runtime

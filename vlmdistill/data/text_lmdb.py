@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from vlmdistill.errors import DataError
+from vlmdistill.extras import require
 
 #: the usual 36-character protocol of scene-text benchmarks: case-insensitive, letters and digits only
 CHARSET_36 = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -35,12 +36,7 @@ def normalise_label(text: str, charset: str = CHARSET_36) -> str:
 
 
 def _lmdb():
-    try:
-        import lmdb
-    except ImportError:
-        raise ImportError("reading text-recognition LMDBs needs the lmdb package: "
-                          "pip install 'vlmdistill[lmdb]' (or pip install lmdb)") from None
-    return lmdb
+    return require("lmdb", "reading text-recognition LMDBs")
 
 
 def is_text_lmdb(path: str) -> bool:

@@ -124,7 +124,7 @@ def two_source_attention(q, k_shared, v_shared, k_own, v_own, *, pos_q, pos_shar
     with its own backward kernels, computing only the gradients autograd asks for); lse carries no gradient.
 
     On a CPU, backend="triton" runs the kernel through the Triton interpreter, which needs TRITON_INTERPRET=1 in the
-    environment before triton is first imported (importing vlmdistill imports it).
+    environment before triton is first imported (importing vlmdistill does not import it; the first Triton call does).
     """
     shapes = check_tensors(q, k_shared, v_shared, k_own, v_own)
     masks = normalize_masks(shapes, q.device, pos_q=pos_q, pos_shared=pos_shared, pos_own=pos_own, seg_q=seg_q,
