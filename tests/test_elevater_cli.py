@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 import zipfile
 from collections import defaultdict
 from pathlib import Path

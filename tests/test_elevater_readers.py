@@ -99,7 +99,7 @@ def test_numeric_folders_index_the_chinese_label_file(tmp_path, digits):
 def test_missing_image_names_index_line(tmp_path, digits):
     index = writers.write_iris(str(tmp_path), digits[0][:4], digits[1][:4], CLASSNAMES, zipped=False)
     os.remove(tmp_path / "test" / "00002.png")
-    with pytest.raises(DataError, match=rf"test\.txt:3: image .*00002\.png does not exist"):
+    with pytest.raises(DataError, match=r"test\.txt:3: image .*00002\.png does not exist"):
         readers.read_iris(index)
 
 

@@ -148,7 +148,8 @@ def test_result_json_summary_chart_and_predictions(tmp_path, digits_dir):
     assert np.mean(scores[0].argmax(1) == [lab[0] for lab in data.labels]) == pytest.approx(loaded["metrics"]["acc1"])
     csv_path, md_path = write_summary([result], str(tmp_path))
     rows = list(csv.DictReader(open(csv_path)))
-    assert rows[0]["dataset"] == "digits" and float(rows[0]["score"]) == pytest.approx(100 * result["primary_value"], abs=0.01)
+    assert rows[0]["dataset"] == "digits"
+    assert float(rows[0]["score"]) == pytest.approx(100 * result["primary_value"], abs=0.01)
     assert "| digits |" in open(md_path).read()
     chart = plot_results([result], str(tmp_path / "chart.png"))
     assert open(chart, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

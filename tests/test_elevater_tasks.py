@@ -65,7 +65,8 @@ def test_classifier_is_mean_of_normalised_prompt_embeddings():
     with torch.no_grad():
         manual = []
         for name in ["cat", "dog"]:
-            embeddings = torch.nn.functional.normalize(model.encode_text(tokenizer([t.format(name) for t in templates])), dim=-1)
+            texts = tokenizer([t.format(name) for t in templates])
+            embeddings = torch.nn.functional.normalize(model.encode_text(texts), dim=-1)
             mean = embeddings.mean(0)
             manual.append(mean / mean.norm())
     assert torch.allclose(weights, torch.stack(manual, dim=1), atol=1e-6)

@@ -173,7 +173,8 @@ def test_vocabulary_prefix_is_checked_with_tokenizers():
     other[17] = "different"
     vlmdistill.wrap(student, plugin="lingudistill", teacher=teacher, student_tokenizer=_Tok(words),
                     teacher_tokenizer=_Tok(words)).unwrap()
-    with pytest.raises(vlmdistill.IncompatibleTeacherError, match="disagree at id 17: 'w17' for the student vs 'different'"):
+    with pytest.raises(vlmdistill.IncompatibleTeacherError,
+                       match="disagree at id 17: 'w17' for the student vs 'different'"):
         vlmdistill.wrap(student, plugin="lingudistill", teacher=teacher, student_tokenizer=_Tok(words),
                         teacher_tokenizer=_Tok(other))
 

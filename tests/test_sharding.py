@@ -2,7 +2,6 @@
 plugin state that never holds student weights (the multi-process runs are in test_fsdp.py / test_deepspeed.py)."""
 
 import pytest
-import torch
 from contract_cases import load_case
 from contract_cases.lingudistill import tiny_llava
 from contract_cases.msd import tiny_clip

@@ -138,7 +138,8 @@ class DistillationTrainerMixin:
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         wrapper = _find_wrapper(self.model)
         if wrapper is not None and batch_samples:
-            windows = batch_samples if wrapper.plugin.window_on_host else [self._prepare_inputs(b) for b in batch_samples]
+            on_host = wrapper.plugin.window_on_host
+            windows = batch_samples if on_host else [self._prepare_inputs(b) for b in batch_samples]
             wrapper.plugin.on_accumulation_window(windows)
         return batch_samples, num_items_in_batch
 

@@ -188,7 +188,8 @@ class DistributedSpec(PluginConfig):
 
     strategy: Literal["ddp", "fsdp2", "zero3"] = option(
         "ddp", "'ddp': a full copy per process (also one process); 'fsdp2': PyTorch FSDP2 through the Trainer, one "
-               "unit per student block; 'zero3': DeepSpeed ZeRO-3 through the Trainer (pip install vlmdistill[deepspeed])")
+               "unit per student block; 'zero3': DeepSpeed ZeRO-3 through the Trainer "
+               "(pip install vlmdistill[deepspeed])")
     teacher: Literal["replicate", "shard", "offload"] = option(
         "replicate", "teacher placement: a full copy per process; sharded like the student; or sharded with its "
                      "shards in CPU memory (EMA teachers of msd/ccd under zero3: replicate only)")
@@ -229,8 +230,9 @@ class Recipe(PluginConfig):
     seed: int = option(0, "random seed for model building and training")
     on_nonfinite: Literal["raise", "skip"] = option(
         "raise", "a NaN/inf loss term stops the run naming the term and step ('raise'), or drops that step ('skip')")
-    distributed: DistributedSpec = option(default_factory=DistributedSpec,
-                                          help="data parallelism: DDP, FSDP2 or DeepSpeed ZeRO-3, and the teacher's place")
+    distributed: DistributedSpec = option(
+        default_factory=DistributedSpec,
+        help="data parallelism: DDP, FSDP2 or DeepSpeed ZeRO-3, and the teacher's place")
 
     def validate(self, where=None):
         super().validate(where)
@@ -381,7 +383,8 @@ def builder_arguments(spec: DataSpec, offered: dict[str, Any]) -> tuple[Callable
         valid = [n for n in params if n not in ("student", "teacher") and n not in offered]
         unknown = sorted(set(spec.kwargs) - set(valid))
         if unknown:
-            raise ConfigError(f"data builder {spec.builder!r}: unknown argument(s) {unknown}; valid: {', '.join(valid)}")
+            raise ConfigError(f"data builder {spec.builder!r}: unknown argument(s) {unknown}; "
+                              f"valid: {', '.join(valid)}")
         missing = [n for n, p in params.items() if p.default is p.empty and p.kind is not p.VAR_POSITIONAL
                    and n not in ("student", "teacher") and n not in spec.kwargs and n not in offered]
         if missing:

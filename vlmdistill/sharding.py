@@ -36,7 +36,7 @@ def block_classes(model: nn.Module) -> list[type]:
     they split accelerate's input-embedding unit, e.g. ViT's patch embedding inside `ViTEmbeddings`) and classes
     the model does not contain (LLaVA names other checkpoints' vision towers, which accelerate refuses)."""
     repeated: dict[str, type] = {}
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
             block = module[0]
             if any(True for _ in block.parameters()):

@@ -164,7 +164,7 @@ def run(args, device) -> dict:
     saved = {}
     for name, arm in steps.items():
         counter = SavedBytes()
-        Arm(lambda: arm.run(counter), arm.enter, arm.exit)()  # also a warm-up
+        Arm(lambda arm=arm, counter=counter: arm.run(counter), arm.enter, arm.exit)()  # also a warm-up
         saved[name] = counter.total
 
     def progress(rep, this):

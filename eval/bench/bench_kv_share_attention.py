@@ -533,7 +533,7 @@ def sweep_configs(w: Workload, head_dim: int, timer, flops: float) -> list[dict]
     rows = []
     for config in forward_config_candidates(head_dim):
         try:
-            ms = timer.median_ms(lambda: run_fused(w, config))
+            ms = timer.median_ms(lambda config=config: run_fused(w, config))
             rows.append({**asdict(config), "median_ms": ms, "useful_tflops": flops / (ms * 1e-3) / 1e12})
         except Exception as exc:
             rows.append({**asdict(config), "error": f"{type(exc).__name__}: {exc}"[:300]})

@@ -188,7 +188,8 @@ def main(argv=None) -> int:
     print(f"\nsingle process: distill/plain step time {single['time_ratio']:.3f}")
     print(f"FSDP2, 2 ranks: distill/plain step time {r0['time_ratio']:.3f} "
           f"({100 * report['time_ratio_change']:+.1f}% vs one process)")
-    print(f"per-rank memory (rank 0): plain {r0['total_mib']['plain']:.1f} MiB, distill {r0['total_mib']['distill']:.1f}"
+    print(f"per-rank memory (rank 0): plain {r0['total_mib']['plain']:.1f} MiB, "
+          f"distill {r0['total_mib']['distill']:.1f}"
           f" MiB, extra {r0['extra_mib']:.1f} MiB = teacher shard {r0['teacher_shard_mib']:.1f} MiB + "
           f"{r0['extra_mib'] - r0['teacher_shard_mib']:.1f} MiB in the step (K/V stash bound "
           f"{report['kv_stash_bound_mib']:.1f} MiB, one gathered teacher block, teacher activations)")

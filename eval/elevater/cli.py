@@ -15,7 +15,7 @@ from vlmdistill.errors import ConfigError, DataError, VLMDistillError
 
 from .protocol import PROTOCOLS
 from .readers import FORMATS
-from .tasks import ELEVATER_IC20, TaskSpec
+from .tasks import TaskSpec
 
 DESCRIPTION = """\
 Zero-shot image classification on the 20 ELEVATER datasets (and ImageNet-1k), offline, with the
@@ -93,7 +93,8 @@ def _configure(parser: argparse.ArgumentParser) -> None:
                      help="input size (default: the model's input size; the toolkit uses 224, the size of every "
                           "ELEVATER reference model)")
     run.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default: 64)")
-    run.add_argument("--device", default="cpu", metavar="DEVICE", help="torch device, e.g. cuda or cuda:1 (default: cpu)")
+    run.add_argument("--device", default="cpu", metavar="DEVICE",
+                     help="torch device, e.g. cuda or cuda:1 (default: cpu)")
     run.add_argument("--num-workers", type=int, default=0, metavar="N",
                      help="DataLoader processes decoding images (default: 0, decode in the main process)")
     run.add_argument("--output-dir", default="runs/elevater", metavar="DIR",

@@ -54,7 +54,8 @@ def plot_lingudistill(result: dict, path: str):
 
 DCCLIP_LABELS = {"logit distillation (CLIP-KD style)": "logit KD", "DC-CLIP + embedding term": "DC-CLIP + emb.",
                  "DC-CLIP + embedding term, one schedule across the stages": "DC-CLIP + emb.,\none schedule",
-                 "from scratch, 10% of the pairs": "scratch, 10%", "DC-CLIP, stage 2 on 10% of the pairs": "DC-CLIP, 10%",
+                 "from scratch, 10% of the pairs": "scratch, 10%",
+                 "DC-CLIP, stage 2 on 10% of the pairs": "DC-CLIP, 10%",
                  "from scratch, English pairs only": "scratch, en only",
                  "DC-CLIP, stage 2 on English pairs only": "DC-CLIP,\nen-only stage 2"}
 

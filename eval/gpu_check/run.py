@@ -284,7 +284,8 @@ def _kernel_bench_lines(section: dict) -> list[str]:
     lines = []
     if section.get("matmul_tflops"):
         lines.append(f"bf16 matmul rate measured in this run: {section['matmul_tflops']:.1f} TFLOP/s")
-    lines += ["", "| length | batch | method | ms | TFLOP/s | fused speed-up | verified |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| length | batch | method | ms | TFLOP/s | fused speed-up | verified |",
+              "|---|---|---|---|---|---|---|"]
     for r in section.get("lengths", []):
         timings = r.get("timings")
         if not isinstance(timings, dict):

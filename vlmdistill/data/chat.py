@@ -169,7 +169,8 @@ class ChatCollator:
     def _pad(self, encoded: dict[str, Any], per_row: list[dict[str, Any]]) -> dict[str, Any]:
         ids = encoded["input_ids"]
         per_token = [k for k, v in encoded.items()
-                     if isinstance(v, torch.Tensor) and v.shape == ids.shape and k not in ("input_ids", "attention_mask")]
+                     if isinstance(v, torch.Tensor) and v.shape == ids.shape
+                     and k not in ("input_ids", "attention_mask")]
         lengths = [min(len(r["ids"]), self.max_length or len(r["ids"])) for r in per_row]
         width = max(lengths)
         mask = encoded["attention_mask"].bool()
