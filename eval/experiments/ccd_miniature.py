@@ -280,12 +280,13 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, with_finetune: b
                 tuned = row[f"{arm}/finetune"] = finetune(copy.deepcopy(encoders[arm]), labelled, val, test, s, seed)
                 print(f"seed {seed} {arm:7s} fine-tuned word accuracy {tuned['test']:.3f} (step {tuned['step']}, "
                       f"validation {tuned['validation']:.3f})", flush=True)
-        if with_finetune and seed == seeds[0]:   # the rendering is learnable: the same recogniser on all labels, from scratch
+        if with_finetune and seed == seeds[0]:   # is the rendering learnable? the recogniser on all labels
             row["all_labels"] = finetune(_encoder(s, 2000 + seed), pre, val, test, s, seed)
             print(f"seed {seed} scratch on all {len(pre['words'])} labels: word accuracy "
                   f"{row['all_labels']['test']:.3f} (curve {row['all_labels']['curve']})", flush=True)
         rows.append(row)
-    result = {"setting": {**s, "seeds": seeds, "quick": quick, "finetune": with_finetune}, "pseudo_mask_iou": pseudo_iou, "runs": rows,
+    result = {"setting": {**s, "seeds": seeds, "quick": quick, "finetune": with_finetune},
+              "pseudo_mask_iou": pseudo_iou, "runs": rows,
               "summary": summarise(rows), "seconds": time.time() - t0}
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["cpu_seconds"] = usage.ru_utime + usage.ru_stime
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     parser.add_argument("--finetune", action="store_true",
-                        help="also fine-tune CTC recognisers (10%% labels; and all labels from scratch on the first seed)")
+                        help="also fine-tune CTC recognisers (10%% labels; all labels from scratch on the first seed)")
     args = parser.parse_args(argv)
     run(args.output_dir, args.seeds, args.quick, args.finetune)
     return 0

@@ -69,9 +69,9 @@ class CCDConfig(PluginConfig):
     warp_threshold: float = option(0.1, "a warped slot mask pixel is on when its bilinear value exceeds this",
                                    gt=0.0, lt=1.0)
     instances: str = option(
-        "characters", "what is distilled: 'characters' (CCD: connected components of the text mask, paired across the "
-                      "views through the affine map) or 'slices' (the sequence-level baseline: `slices` vertical strips "
-                      "of the token grid, paired by position in both views whatever the warp)")
+        "characters", "what is distilled: 'characters' (CCD: connected components of the text mask, paired across "
+                      "the views through the affine map) or 'slices' (the sequence-level baseline: `slices` vertical "
+                      "strips of the token grid, paired by position in both views whatever the warp)")
     slices: int = option(4, "strips per image when instances='slices'", ge=1)
     # --- distillation head and loss ---------------------------------------------------------------
     out_dim: int = option(65536, "prototypes of the DINO head", ge=2)
