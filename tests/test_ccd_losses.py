@@ -151,3 +151,26 @@ def test_centre_is_all_reduced_across_processes():
     single.update(0.9)
     for rank in range(2):
         torch.testing.assert_close(out[rank], single.value)
+
+
+def test_teacher_entropy_is_the_collapse_monitor():
+    from vlmdistill.plugins.ccd.losses import teacher_entropy
+
+    k, tau = 16, 0.04
+    centre = torch.zeros(k)
+    uniform = torch.zeros(4, k)                              # 2 characters x 2 views, all logits equal
+    assert teacher_entropy(uniform, centre, torch.tensor([0, 0]), 1, tau) == pytest.approx(math.log(k))
+    one_hot = torch.full((4, k), -1.0)
+    one_hot[:, 3] = 1.0                                        # every character on prototype 3
+    assert teacher_entropy(one_hot, centre, torch.tensor([0, 0]), 1, tau) < 1e-6
+    # float64 reference: per character the mean of both views' entropies, averaged per image, then over images
+    g = torch.Generator().manual_seed(0)
+    logits, c = torch.randn(6, k, generator=g, dtype=torch.float64), torch.randn(k, generator=g, dtype=torch.float64)
+    idx = torch.tensor([0, 0, 2])                              # image 1 of 3 has no character
+    p = torch.softmax((logits - c) / tau, -1)
+    h = -(p * p.log()).sum(-1)
+    per_char = (h[:3] + h[3:]) / 2
+    expected = ((per_char[0] + per_char[1]) / 2 + per_char[2]) / 3
+    got = teacher_entropy(logits.float(), c.float(), idx, 3, tau)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert teacher_entropy(torch.zeros(0, k), centre, torch.zeros(0, dtype=torch.long), 2, tau) == 0

@@ -298,3 +298,26 @@ def test_a_checkpoint_taken_during_the_freeze_loads_strictly_and_unfreezes_fresh
     uninterrupted, _ = trained([0, 1, 2])
     for (name, a), b in zip(resumed.named_parameters(), uninterrupted.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_slice_instances_pair_strips_by_position():
+    from vlmdistill.errors import ConfigError
+    from vlmdistill.plugins.ccd.masks import slice_token_weights
+
+    weights, present = slice_token_weights(2, (8, 32), 4)
+    assert weights.shape == (2, 4, 256) and present.all()
+    grid = weights[0].view(4, 8, 32)
+    for k in range(4):   # strip k covers token columns 8k .. 8k+7 of every row, uniformly
+        assert torch.equal(grid[k] > 0, torch.zeros(8, 32, dtype=torch.bool).index_fill_(1, torch.arange(8 * k,
+                                                                                              8 * k + 8), True))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4))
+    w = wrapped_tiny(instances="slices", slices=4)
+    w.train()
+    out = w(**batch())
+    assert out.metrics["paired_characters"] == 4           # every strip of every image, even a blank one
+    assert torch.isfinite(out.loss) and out.loss_terms["distill"] > 0
+    assert 0 < out.metrics["teacher_entropy"] <= np.log(CONFIG["out_dim"]) + 1e-4
+    out.loss.backward()
+    assert w.plugin.student_head.mlp[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="instances.*characters, slices"):
+        wrapped_tiny(instances="words")

@@ -8,6 +8,8 @@ from typing import Optional
 from vlmdistill.config import PluginConfig, option
 from vlmdistill.errors import ConfigError
 
+INSTANCES = ("characters", "slices")
+
 
 def _check_range(where: str, name: str, value: tuple[float, float]) -> None:
     if value[0] > value[1]:
@@ -66,6 +68,11 @@ class CCDConfig(PluginConfig):
     min_character_pixels: int = option(30, "smallest connected component (pixels) counted as a character", ge=1)
     warp_threshold: float = option(0.1, "a warped slot mask pixel is on when its bilinear value exceeds this",
                                    gt=0.0, lt=1.0)
+    instances: str = option(
+        "characters", "what is distilled: 'characters' (CCD: connected components of the text mask, paired across "
+                      "the views through the affine map) or 'slices' (the sequence-level baseline: `slices` vertical "
+                      "strips of the token grid, paired by position in both views whatever the warp)")
+    slices: int = option(4, "strips per image when instances='slices'", ge=1)
     # --- distillation head and loss ---------------------------------------------------------------
     out_dim: int = option(65536, "prototypes of the DINO head", ge=2)
     head_hidden_dim: int = option(2048, "hidden width of the DINO head's MLP", ge=1)
@@ -99,6 +106,8 @@ class CCDConfig(PluginConfig):
     def validate(self, where=None):
         super().validate(where)
         where = where or "CCDConfig"
+        if self.instances not in INSTANCES:
+            raise ConfigError(f"{where}.instances: {self.instances!r}; choose one of {', '.join(INSTANCES)}")
         if not self.seg_blocks:
             raise ConfigError(f"{where}.seg_blocks: give at least one block")
         if any(b < 1 for b in self.seg_blocks):

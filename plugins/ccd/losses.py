@@ -41,6 +41,24 @@ def cross_view_distillation_loss(student_regular: torch.Tensor, student_irregula
     return (per_image / counts.clamp_min(1)).sum() / batch_size
 
 
+@torch.no_grad()
+def teacher_entropy(teacher_logits: torch.Tensor, center: torch.Tensor, sample_index: torch.Tensor,
+                    batch_size: int, teacher_temperature: float) -> torch.Tensor:
+    """Collapse monitor: entropy (nats) of the centred, sharpened teacher distribution, averaged like the loss
+    (over an image's characters, both views, then over images; an image without characters adds 0). It tends to
+    ln(out_dim) when the teacher flattens to uniform outputs and to 0 when every character gets one prototype."""
+    if teacher_logits.shape[0] == 0:
+        return teacher_logits.new_zeros(())
+    p = F.log_softmax((teacher_logits.float() - center) / teacher_temperature, dim=-1)
+    per_output = -(p.exp() * p).sum(-1)
+    n = sample_index.shape[0]
+    per_char = 0.5 * (per_output[:n] + per_output[n:])
+    counts = torch.bincount(sample_index, minlength=batch_size).to(per_char.dtype)
+    per_image = torch.zeros(batch_size, dtype=per_char.dtype, device=per_char.device).index_add(0, sample_index,
+                                                                                                  per_char)
+    return (per_image / counts.clamp_min(1)).sum() / batch_size
+
+
 def teacher_momentum(step: int, total_steps: int, base: float) -> float:
     """Cosine schedule from `base` at step 0 to 1 at `total_steps` (and after)."""
     progress = min(max(step, 0), total_steps) / total_steps

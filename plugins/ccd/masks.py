@@ -117,6 +117,21 @@ def slot_token_weights(slots: torch.Tensor, grid: tuple[int, int]) -> tuple[torc
     return cover / mass.clamp_min(1e-12).unsqueeze(-1), present
 
 
+def slice_token_weights(batch: int, grid: tuple[int, int], slices: int, device=None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token weights of `slices` vertical strips of equal width (full height), left to right: the instances of
+    sequence-level self-supervision. Returns (`[B, slices, gh*gw]` weights summing to 1, `[B, slices]` all True)."""
+    gh, gw = grid
+    if slices > gw:
+        raise ValueError(f"{slices} slices of a token grid {gw} columns wide")
+    column = torch.arange(gw, device=device) * slices // gw                     # strip of each column
+    strips = (column.view(1, 1, gw) == torch.arange(slices, device=device).view(-1, 1, 1)).expand(slices, gh, gw)
+    weights = strips.float().flatten(1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    return (weights.unsqueeze(0).expand(batch, -1, -1),
+            torch.ones(batch, slices, dtype=torch.bool, device=device))
+
+
 def pool_characters(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mask-weighted average of patch tokens: `[B, N, E]`, `[B, K, N]` -> `[B, K, E]`."""
     return torch.bmm(weights.to(tokens.dtype), tokens)

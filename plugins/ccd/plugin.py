@@ -32,8 +32,10 @@ from vlmdistill.teachers import EMATeacher, module_device
 from .backbones import BackboneSpec, describe_backbone, patch_tokens
 from .config import CCDConfig
 from .heads import DINOHead, SegmentationHead
-from .losses import TeacherCentre, cross_view_distillation_loss, segmentation_loss, teacher_momentum
-from .masks import character_slots, pool_characters, pseudo_text_masks, slot_token_weights, warp_masks
+from .losses import (TeacherCentre, cross_view_distillation_loss, segmentation_loss, teacher_entropy,
+                     teacher_momentum)
+from .masks import (character_slots, pool_characters, pseudo_text_masks, slice_token_weights, slot_token_weights,
+                    warp_masks)
 from .views import make_views, sample_seeds
 
 #: sub-folder of `save_pretrained` holding the EMA teacher backbone, the encoder to fine-tune downstream
@@ -119,10 +121,16 @@ class CCDPlugin(DistillationPlugin):
         seg = segmentation_loss(seg_logits, torch.cat([pseudo, pseudo_irregular]))
 
         with torch.no_grad():
-            text = pseudo if pseudo_phase else seg_logits[:b].argmax(1).bool()
-            slots = character_slots(text, cfg.max_characters, cfg.min_character_pixels)
-            weights_reg, present_reg = slot_token_weights(slots, grid)
-            weights_irr, present_irr = slot_token_weights(warp_masks(slots, views.theta, cfg.warp_threshold), grid)
+            if cfg.instances == "slices":
+                # the sequence-level baseline: strip k of one view is paired with strip k of the other
+                weights_reg, present_reg = slice_token_weights(b, grid, cfg.slices, pixels.device)
+                weights_irr, present_irr = weights_reg, present_reg
+            else:
+                text = pseudo if pseudo_phase else seg_logits[:b].argmax(1).bool()
+                slots = character_slots(text, cfg.max_characters, cfg.min_character_pixels)
+                weights_reg, present_reg = slot_token_weights(slots, grid)
+                weights_irr, present_irr = slot_token_weights(warp_masks(slots, views.theta, cfg.warp_threshold),
+                                                              grid)
             paired = present_reg & present_irr  # [B, K]: the character is visible in both views
             sample_index = paired.nonzero()[:, 0]
 
@@ -152,7 +160,9 @@ class CCDPlugin(DistillationPlugin):
                 distill = self.student_head(tokens.new_zeros(1, spec.width)).sum() * 0.0
         loss = cfg.seg_weight * seg + cfg.distill_weight * distill
         terms = {"seg": seg.detach(), "distill": distill.detach()}
-        metrics = {"paired_characters": torch.tensor(n / b, device=seg.device)}
+        metrics = {"paired_characters": torch.tensor(n / b, device=seg.device),
+                   "teacher_entropy": teacher_entropy(teacher_logits.detach(), self._centre.value, sample_index, b,
+                                                      cfg.teacher_temperature)}
         return DistillationResult(output=output, loss=loss, loss_terms=terms, metrics=metrics)
 
     def _image_key(self, inputs: dict[str, Any]) -> str:
