@@ -81,9 +81,9 @@ def test_msd_figure_from_its_own_summary(tmp_path):
     summary = msd.summarise(runs)
     report = {"settings": dataclasses.asdict(msd.Settings()), "runs": runs,
               "summary": {k: {m: list(v) for m, v in d.items()} for k, d in summary.items()}}
-    report = json.loads(json.dumps(report))  # as read back from msd_results.json
-    figure = plots.plot_msd(report, str(tmp_path / "msd_results.png"))
-    _check_png(tmp_path / "msd_results.png")
+    report = json.loads(json.dumps(report))  # as read back from results.json
+    figure = plots.plot_msd(report, str(tmp_path / "results.png"))
+    _check_png(tmp_path / "results.png")
     retrieval, _, memory = figure.axes
     assert _bars(retrieval) == [90.0, 91.0, 92.0, 93.0, 94.0, 95.0]
     assert _bars(memory) == [10.0, 10.0, 10.0, 20.0, 10.0, 10.0]

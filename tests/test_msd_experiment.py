@@ -15,7 +15,7 @@ def test_demo_quick_writes_every_run(tmp_path, capsys):
     kinds = ["clip-b", "clip-b-accum", "msd", "clip-Mb"]
     argv = ["--quick", "--seeds", "0", "1", "--output-dir", str(tmp_path), "--workers", "2", "--runs", *kinds]
     assert main(argv) == 0
-    report = json.loads((tmp_path / "msd_results.json").read_text())
+    report = json.loads((tmp_path / "results.json").read_text())
     assert [(r["run"], r["seed"]) for r in report["runs"]] == [(k, s) for k in kinds for s in (0, 1)]
     for run in report["runs"]:
         assert run["split"] == "test"
@@ -29,9 +29,9 @@ def test_demo_quick_writes_every_run(tmp_path, capsys):
                 and t["metric"] == "i2t_r1")
     assert test["mean_diff"] == pytest.approx(sum(by["msd", s]["i2t_r1"] - by["clip-b-accum", s]["i2t_r1"]
                                                   for s in (0, 1)) / 2)
-    table = (tmp_path / "msd_results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
     assert "MSD, 8 x 4" in table and "paired t" in table and "image→text R@1" in capsys.readouterr().out
-    assert (tmp_path / "msd_results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the figure beside the table
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the figure beside the table
 
 
 @pytest.mark.slow

@@ -449,19 +449,19 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, workers: int = 2
               "wall_seconds": time.perf_counter() - started, "workers": workers, "cpu_count": os.cpu_count(),
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "cpu_seconds_total": cpu_total, "torch_threads_per_run": settings.threads}
-    with open(os.path.join(output_dir, "msd_results.json"), "w") as fh:
+    with open(os.path.join(output_dir, "results.json"), "w") as fh:
         json.dump(report, fh, indent=2)
     table, significance = markdown_table(summary, settings, seeds), tests_table(tests, settings)
     note = _machine_note(started, load_before, cpu_total, workers, settings.threads)
-    with open(os.path.join(output_dir, "msd_results.md"), "w") as fh:
+    with open(os.path.join(output_dir, "results.md"), "w") as fh:
         fh.write(f"# MSD demo: 100 digit-pair classes, {settings.steps} optimizer steps of "
                  f"{settings.micro_batch} x {settings.accumulation} pairs\n\n"
                  f"Test split; seeds {seeds}; mean ± std over seeds. alpha {settings.alpha}, momentum "
                  f"{settings.momentum}.\n\n{table}\n\nPaired over seeds:\n\n{significance}\n\n{note}\n")
     from .plots import plot_msd
 
-    plot_msd(report, os.path.join(output_dir, "msd_results.png"))
-    print(table, significance, note, f"results in {output_dir}/msd_results.{{json,md,png}}", sep="\n\n")
+    plot_msd(report, os.path.join(output_dir, "results.png"))
+    print(table, significance, note, f"results in {output_dir}/results.{{json,md,png}}", sep="\n\n")
     return report
 
 

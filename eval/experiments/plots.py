@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlmdistill.eval.experiments.plots",
                                      description="Draw a demo's figure from its saved results JSON")
     parser.add_argument("demo", choices=sorted(PLOTS))
-    parser.add_argument("results", help="the demo's results.json (msd: msd_results.json)")
+    parser.add_argument("results", help="the demo's results.json")
     parser.add_argument("--output", default=None, help="PNG path (default: beside the JSON)")
     args = parser.parse_args(argv)
     with open(args.results, encoding="utf-8") as fh:
