@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-kd test test-slow test-all bench gpu-check clean
+.PHONY: install demo demo-kd test test-slow test-all lint bench gpu-check clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo-kd: $(STAMP)
 ## Fast test suite (tests marked slow are skipped)
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## Lint (ruff; its configuration is in pyproject.toml)
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 ## Only the slow tests (multi-process DDP, experiment smoke runs)
 test-slow: $(STAMP)

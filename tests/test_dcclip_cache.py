@@ -60,8 +60,8 @@ def test_cached_and_live_teacher_give_the_same_stage1_loss_and_gradients(cache_d
     torch.manual_seed(0)
     live = vlmdistill.wrap(_student(), plugin="dcclip", teacher=teacher, config=CONFIG)
     torch.manual_seed(0)
-    cached = vlmdistill.wrap(_student(), plugin="dcclip", teacher=teacher, config={**CONFIG, "teacher_cache": cache_dir},
-                             data_fingerprint="pp-1")
+    cached = vlmdistill.wrap(_student(), plugin="dcclip", teacher=teacher,
+                             config={**CONFIG, "teacher_cache": cache_dir}, data_fingerprint="pp-1")
     for batch in _batches():
         out_live = live(**batch)
         n_live = len(calls)
@@ -80,8 +80,8 @@ def test_cached_and_live_teacher_give_the_same_stage1_loss_and_gradients(cache_d
 
 def test_cache_without_a_teacher_trains_stage1(cache_dir):
     manifest = json.load(open(os.path.join(cache_dir, "manifest.json")))
-    wrapped = vlmdistill.wrap(_student(), plugin="dcclip", config={**CONFIG, "teacher_cache": cache_dir,
-                                                                  "teacher_fingerprint": manifest["teacher_fingerprint"]})
+    wrapped = vlmdistill.wrap(_student(), plugin="dcclip", config={
+        **CONFIG, "teacher_cache": cache_dir, "teacher_fingerprint": manifest["teacher_fingerprint"]})
     assert wrapped.plugin.adapters["image"].out_channels == 32  # teacher widths come from the manifest
     out = wrapped(**_batches()[0])
     assert set(out.loss_terms) == {"image", "text", "image_embed", "text_embed"}
@@ -92,7 +92,8 @@ def test_cache_without_a_teacher_trains_stage1(cache_dir):
 
 def test_stale_cache_is_refused(cache_dir):
     with pytest.raises(DataError, match="stale: it was built from a teacher with fingerprint"):
-        vlmdistill.wrap(_student(), plugin="dcclip", teacher=_teacher(seed=7), config={**CONFIG, "teacher_cache": cache_dir})
+        vlmdistill.wrap(_student(), plugin="dcclip", teacher=_teacher(seed=7),
+                        config={**CONFIG, "teacher_cache": cache_dir})
     with pytest.raises(DataError, match="stale: built with teacher taps"):
         vlmdistill.wrap(_student(), plugin="dcclip", teacher=_teacher(), config={
             **CONFIG, "teacher_cache": cache_dir,
@@ -101,7 +102,8 @@ def test_stale_cache_is_refused(cache_dir):
         vlmdistill.wrap(_student(), plugin="dcclip", teacher=_teacher(), config={**CONFIG, "teacher_cache": cache_dir},
                         data_fingerprint="pp-2")
 
-    wrapped = vlmdistill.wrap(_student(), plugin="dcclip", teacher=_teacher(), config={**CONFIG, "teacher_cache": cache_dir})
+    wrapped = vlmdistill.wrap(_student(), plugin="dcclip", teacher=_teacher(),
+                              config={**CONFIG, "teacher_cache": cache_dir})
     batch = _batches()[1]
     changed = {**batch, "pixel_values": batch["pixel_values"] * 1.01}  # e.g. another normalisation
     with pytest.raises(DataError, match=r"stale for sample 'img1_0'.*pixels differ"):

@@ -20,7 +20,8 @@ def test_image_loss_is_zero_when_teacher_equals_adapted_student(adapter_kind, ki
     adapter = nn.Conv2d(8, 12, 1) if adapter_kind == "conv" else nn.Linear(8, 12)
     student = torch.randn(3, 8, 4, 4)
     with torch.no_grad():
-        teacher = adapter(student) if adapter_kind == "conv" else adapter(student.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        channels_last = student.permute(0, 2, 3, 1)
+        teacher = adapter(student) if adapter_kind == "conv" else adapter(channels_last).permute(0, 3, 1, 2)
     loss = image_map_loss(student, teacher, adapter, kind=kind)
     assert loss.shape == (3,)
     torch.testing.assert_close(loss, torch.zeros(3), atol=1e-6, rtol=0)
@@ -104,7 +105,7 @@ def test_stage1_loss_is_zero_for_a_copy_of_the_teacher_with_identity_adapters():
     student = tiny_hf_clip(hidden=16, layers=1, patch=8, projection=16, seed=3)
     wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, embedding_weight=1.0)
     with torch.no_grad():
-        for name, adapter in wrapped.plugin.adapters.items():
+        for adapter in wrapped.plugin.adapters.values():
             weight = adapter.weight
             weight.zero_()
             weight.view(weight.shape[0], weight.shape[1]).copy_(torch.eye(weight.shape[0]))

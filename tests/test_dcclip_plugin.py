@@ -31,7 +31,8 @@ def test_gradients_reach_only_the_student_and_the_adapters():
     assert set(wrapped.plugin.adapters) == {"image", "text", "image_embed", "text_embed"}
     for name, p in wrapped.plugin.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    towers = {n: p for n, p in student.named_parameters() if n.startswith(("vision_model.encoder", "text_model.encoder"))}
+    encoders = ("vision_model.encoder", "text_model.encoder")
+    towers = {n: p for n, p in student.named_parameters() if n.startswith(encoders)}
     assert towers and all(p.grad.abs().sum() > 0 for p in towers.values())
     # Stage 1 does not train the logit scale: no gradient at all (not a zero one, which would move AdamW's state).
     assert student.logit_scale.grad is None
@@ -109,7 +110,8 @@ def test_open_clip_student_with_hf_teacher_and_open_clip_teacher(kind):
     hf_teacher = tiny_hf_clip(hidden=32, layers=1, patch=4, vocab=64, seed=2)
     batch = _open_clip_batch()
     # Different ways of calling the two models: the teacher reads its own columns.
-    hf_tokens = {"teacher_input_ids": batch["text"][:, :9], "teacher_attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    hf_tokens = {"teacher_input_ids": batch["text"][:, :9],
+                 "teacher_attention_mask": torch.ones(3, 9, dtype=torch.long)}
     wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=hf_teacher, text_level="pooled")
     out = wrapped(**batch, **hf_tokens)
     assert set(out.loss_terms) == {"image", "text"} and torch.isfinite(out.loss)
@@ -309,7 +311,8 @@ def test_teacher_with_its_own_tokenizer_must_get_its_own_token_ids():
     pixels = torch.randn(4, 3, 32, 32)
     with pytest.raises(DataError, match="no 'teacher_input_ids': the teacher would read the student's token ids"):
         wrapped(pixel_values=pixels, **s)
-    out = wrapped(pixel_values=pixels, **s, teacher_input_ids=t["input_ids"], teacher_attention_mask=t["attention_mask"])
+    out = wrapped(pixel_values=pixels, **s, teacher_input_ids=t["input_ids"],
+                  teacher_attention_mask=t["attention_mask"])
     assert torch.isfinite(out.loss)
 
 

@@ -149,7 +149,8 @@ def test_shard_pipeline_tokenises_for_a_teacher_with_its_own_tokenizer(recipe_pa
     other.save_pretrained(tmp_path / "teacher_tok")
     student = tiny_hf_clip(hidden=16, layers=1, patch=8, image_size=16, vocab=300)
     teacher = tiny_hf_clip(hidden=16, layers=1, patch=8, image_size=16, vocab=len(other))
-    dataset, collate, runtime = build_image_text(student, teacher, **kwargs, teacher_tokenizer=str(tmp_path / "teacher_tok"))
+    dataset, collate, runtime = build_image_text(student, teacher, **kwargs,
+                                                 teacher_tokenizer=str(tmp_path / "teacher_tok"))
     items = [item for item, _ in zip(dataset, range(2))]
     batch = collate(items)
     assert torch.equal(batch["teacher_input_ids"][0, :len(other(items[0]["caption"])["input_ids"])],

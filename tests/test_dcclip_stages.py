@@ -55,7 +55,7 @@ def test_switch_happens_once_at_the_configured_optimizer_step():
                               release_teacher_at_switch=False)
     seen = []
     for step in range(6):
-        for micro in range(2):  # gradient accumulation: the stage may only change between optimizer steps
+        for _ in range(2):  # gradient accumulation: the stage may only change between optimizer steps
             out = wrapped(**_batch(step))
             out.loss.backward()
             seen.append((step, "contrastive" in out.loss_terms))

@@ -38,7 +38,8 @@ def _open_clip():
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     torch.manual_seed(0)
-    return CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=IMAGE),
+    vision = CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=IMAGE)
+    return CLIP(embed_dim=16, vision_cfg=vision,
                 text_cfg=CLIPTextCfg(context_length=LENGTH, vocab_size=VOCAB, width=32, heads=2, layers=1))
 
 
@@ -130,7 +131,8 @@ def test_embeddings_through_hooks_match_the_output_path():
         wrapped.train()
         loss = wrapped(**batch).loss
         loss.backward()
-        results[mode] = (loss.detach(), {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.grad is not None})
+        grads = {n: p.grad.clone() for n, p in wrapped.named_parameters() if p.grad is not None}
+        results[mode] = (loss.detach(), grads)
         if mode == "hooks":
             teacher = wrapped.plugin.teacher
             assert wrapped.student.visual_projection._forward_hooks and teacher.visual_projection._forward_hooks
@@ -145,7 +147,8 @@ def test_hook_paths_are_checked_at_wrap_time():
     from vlmdistill.errors import UnsupportedModelError
 
     with pytest.raises(UnsupportedModelError, match="no submodule 'visual_proj'"):
-        vlmdistill.wrap(tiny_clip(), plugin="msd", image_embeds_module="visual_proj", text_embeds_module="text_projection")
+        vlmdistill.wrap(tiny_clip(), plugin="msd", image_embeds_module="visual_proj",
+                        text_embeds_module="text_projection")
 
 
 def test_plugin_owned_temperature_is_trained():

@@ -63,7 +63,8 @@ def _loader(directory: str, tokenizer, batch: int, shuffle: bool, workers: int =
 
     dataset = ImageTextShards(directory, ClipImageTransform(IMAGE_SIZE), tokenizer, max_length=32,
                               shuffle_buffer=500 if shuffle else 0, shardshuffle=False, seed=0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, collate_fn=ImageTextCollator(tokenizer.pad_token_id),
+    collate = ImageTextCollator(tokenizer.pad_token_id)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, collate_fn=collate,
                                          drop_last=shuffle, num_workers=workers,  # the cache pass sees every sample
                                          persistent_workers=persistent and workers > 0)
     return dataset, loader

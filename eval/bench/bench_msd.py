@@ -100,7 +100,8 @@ def _clip(args, seed: int = 0):
     heads = max(1, args.width // 64)
     config = CLIPConfig(
         text_config=dict(vocab_size=1000, hidden_size=args.width, intermediate_size=4 * args.width,
-                         num_hidden_layers=args.layers, num_attention_heads=heads, max_position_embeddings=args.text_len,
+                         num_hidden_layers=args.layers, num_attention_heads=heads,
+                         max_position_embeddings=args.text_len,
                          eos_token_id=999, bos_token_id=0, pad_token_id=1),
         vision_config=dict(hidden_size=args.width, intermediate_size=4 * args.width, num_hidden_layers=args.layers,
                            num_attention_heads=heads, image_size=args.image, patch_size=args.patch),
@@ -159,8 +160,8 @@ def bench_step(args) -> dict:
         msd(batches[i])
     for i in range(args.repeats):
         batch = batches[i % len(batches)]
-        times["plain"].append(_timed(lambda: plain_step(batch), args.device) / m)
-        times["msd"].append(_timed(lambda: msd(batch), args.device) / m)
+        times["plain"].append(_timed(lambda batch=batch: plain_step(batch), args.device) / m)
+        times["msd"].append(_timed(lambda batch=batch: msd(batch), args.device) / m)
     plain_ms, msd_ms = (statistics.median(times[k]) * 1e3 for k in ("plain", "msd"))
     result = {"micro_batch": b, "accumulation": m, "queue": args.queue,
               "parameters": sum(p.numel() for p in plain.parameters()),

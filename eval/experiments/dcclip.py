@@ -51,8 +51,8 @@ TEMPLATES = {
     "teacher": {"en": ["a photo of the digit {}.", "a handwritten {}.", "the number {}, written by hand.",
                        "a low resolution image of a {}.", "a scan of a handwritten {}.",
                        "a blurry picture of the number {}."],
-                "zh": ["数字{}的照片。", "手写的{}。", "一个手写的数字{}。", "低分辨率的数字{}图像。", "手写{}的扫描件。",
-                       "数字{}的模糊图片。"]},
+                "zh": ["数字{}的照片。", "手写的{}。", "一个手写的数字{}。", "低分辨率的数字{}图像。",
+                       "手写{}的扫描件。", "数字{}的模糊图片。"]},
     "student": {"en": ["a photo of the digit {}.", "a handwritten {}."], "zh": ["数字{}的照片。", "手写的{}。"]},
     "validation": {"en": ["an image of the digit {}.", "a drawing of a {}."], "zh": ["数字{}的图像。", "一幅{}的画。"]},
     "test": {"en": ["a picture of a handwritten digit {}.", "the digit {}.", "a small image of the number {}."],
@@ -211,8 +211,8 @@ def train(wrapped, streams: dict[int, Iterator], steps: int, *, lr: float = LR, 
           snapshot: Callable[[], None] | None = None) -> dict[str, Any]:
     """A hand-written loop: AdamW, warm-up + cosine, `step_end()` after each step. When the plugin declares
     stages (dcclip's `restart_optimizer_at_switch`), each stage has its own schedule and starts from a fresh
-    optimizer state (the `vlmdistill.stages` helpers); otherwise one schedule runs over all steps. `streams[stage]` gives the
-    batches of each stage. `kd={'weight', 'cache', 'teacher_scale'}` adds the logit-distillation term.
+    optimizer state (the `vlmdistill.stages` helpers); otherwise one schedule runs over all steps. `streams[stage]`
+    gives the batches of each stage. `kd={'weight', 'cache', 'teacher_scale'}` adds the logit-distillation term.
     `snapshot` is called when stage 1 ends (to evaluate the student then)."""
     from vlmdistill.data.image_text import decode_keys
     from vlmdistill.stages import reset_optimizer_state, staged_scheduler

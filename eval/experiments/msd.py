@@ -340,7 +340,8 @@ def run_in_processes(jobs: list[tuple[str, int, Settings]], workers: int, progre
         except queue_module.Empty:
             dead = [p for p in processes if p.exitcode not in (None, 0)]
             if dead and queue.empty():
-                raise RuntimeError(f"a run process died with exit code {dead[0].exitcode} and reported nothing")
+                raise RuntimeError(f"a run process died with exit code {dead[0].exitcode} "
+                                   "and reported nothing") from None
             continue
         results.append(result)
         if "error" in result:

@@ -66,7 +66,8 @@ class DCCLIPConfig(PluginConfig):
     spatial_align: Literal["interpolate", "pool"] = option(
         "interpolate", "'interpolate': the adapted student map is resized to the teacher grid; 'pool': the "
                        "teacher map is average-pooled to the student grid")
-    interpolation: Literal["bilinear", "nearest", "bicubic"] = option("bilinear", "mode for spatial_align='interpolate'")
+    interpolation: Literal["bilinear", "nearest", "bicubic"] = option(
+        "bilinear", "mode for spatial_align='interpolate'")
     text_normalisation: Literal["per_sample", "per_token"] = option(
         "per_sample", "text token loss: mean over each sample's non-padding tokens, then over samples "
                       "('per_sample', exact under gradient accumulation and DDP) or one mean over all "

@@ -115,7 +115,8 @@ class MSDPlugin(DistillationPlugin):
         if self.config.temperature is not None:
             param, low, high = self.temp, TEMPERATURE_MIN, TEMPERATURE_MAX
         else:
-            param, low, high = model_logit_scale(self._student), math.log(1 / TEMPERATURE_MAX), math.log(1 / TEMPERATURE_MIN)
+            param = model_logit_scale(self._student)
+            low, high = math.log(1 / TEMPERATURE_MAX), math.log(1 / TEMPERATURE_MIN)
         with gathered_parameters([param], modify=True):
             param.clamp_(low, high)
 
