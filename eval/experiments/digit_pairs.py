@@ -15,6 +15,8 @@ import random
 import numpy as np
 import torch
 
+from vlmdistill.plugins.msd.digit_captions import DigitCaptions
+
 SPECIFIC = ["a {a} next to a {b}.", "a {a} to the left of a {b}.", "the digits {a} and {b}.", "{a} followed by {b}."]
 GENERIC = ["two handwritten digits.", "a pair of handwritten digits.", "two digits side by side.",
            "handwritten digits, two of them."]
@@ -76,42 +78,17 @@ def caption_tokenizer(vocab_size: int = 512):
     return tokenizer
 
 
-class PairCaptions(torch.utils.data.Dataset):
-    """(pixel_values, input_ids) of the training pairs. Whether a pair is "generic" is fixed per pair; the template
-    is drawn from (seed, epoch, index) alone, so a resumed run sees the same captions."""
+class PairCaptions(DigitCaptions):
+    """(pixel_values, input_ids) of the training pairs, padded by `DigitCaptions.collate`. Whether a pair is
+    "generic" is fixed per pair; the template is drawn from (seed, epoch, index) alone, so a resumed run sees the
+    same captions."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, tokenizer, seed: int = 0) -> None:
-        from vlmdistill.plugins.msd.digit_captions import normalise_pixels
-
-        self.pixels = normalise_pixels(images)
-        self.labels = labels
-        self.tokenizer = tokenizer
-        self.seed = seed
-        self.epoch = 0
+        super().__init__(images, labels, tokenizer, seed)
         self.generic = np.random.default_rng(10_007 + seed).random(len(labels)) < GENERIC_FRACTION
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
     def caption(self, index: int) -> str:
         draw = random.Random((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
         if self.generic[index]:
             return GENERIC[draw.randrange(len(GENERIC))]
         return class_caption(int(self.labels[index]), draw.randrange(len(SPECIFIC)))
-
-    def __getitem__(self, index: int) -> dict:
-        ids = self.tokenizer(self.caption(index))["input_ids"]
-        return {"pixel_values": self.pixels[index], "input_ids": torch.tensor(ids, dtype=torch.long)}
-
-    def collate(self, items: list[dict]) -> dict:
-        longest = max(len(it["input_ids"]) for it in items)
-        ids = torch.full((len(items), longest), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(items), longest), dtype=torch.long)
-        for row, item in enumerate(items):
-            ids[row, :len(item["input_ids"])] = item["input_ids"]
-            mask[row, :len(item["input_ids"])] = 1
-        return {"pixel_values": torch.stack([it["pixel_values"] for it in items]), "input_ids": ids,
-                "attention_mask": mask}
