@@ -111,20 +111,24 @@ def make_arms(setup: Setup, args, device) -> dict:
     holder: dict = {}
 
     def run(counter: SavedBytes | None = None):
-        model = holder.get("model", setup.student)
-        hooks = (torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t) if counter is not None
-                 else contextlib.nullcontext())
-        with autocast(device, args.autocast), hooks:
-            loss = model(**setup.batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(holder.get("model", setup.student), setup.batch, optimizer, device, args.autocast, counter)
 
     def enter():
         holder["model"] = vlmdistill.wrap(setup.student, plugin="kd", teacher=setup.teacher, alpha=0.5,
                                           temperature=2.0)
 
     return {"plain": Arm(run), "kd": Arm(run, enter=enter, exit=lambda: vlmdistill.unwrap(holder.pop("model")))}
+
+
+def train_step(model, batch: dict, optimizer, device, dtype: str | None, counter: SavedBytes | None = None) -> None:
+    """One forward + backward + optimizer step; `counter` (when given) counts the bytes saved for backward."""
+    hooks = (torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t) if counter is not None
+             else contextlib.nullcontext())
+    with autocast(device, dtype), hooks:
+        loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def compiled_arms(setup: Setup, args, device) -> dict:
@@ -143,13 +147,7 @@ def compiled_arms(setup: Setup, args, device) -> dict:
         optimizer = torch.optim.AdamW(params, lr=1e-4)
 
         def run(counter: SavedBytes | None = None):
-            hooks = (torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t) if counter is not None
-                     else contextlib.nullcontext())
-            with autocast(device, args.autocast), hooks:
-                loss = model(**setup.batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, setup.batch, optimizer, device, args.autocast, counter)
 
         return Arm(run)
 
