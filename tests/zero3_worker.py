@@ -21,6 +21,10 @@ accelerate's state from `vlmdistill.zero3.cpu_accelerator_state`), for each plug
 checkpoint at step 2 (and that checkpoint's `model.safetensors`), and after resuming that checkpoint to step 4 (with
 the number of forwards the resumed run made); and `trainer-plain-refused.txt`: the error a plain Trainer (with
 `DistillationCallback`) gets under DeepSpeed.
+
+Last, `vlmdistill train`'s `run_recipe` on the msd demo recipe made small, with `distributed: {strategy: zero3}`:
+`recipe-msd.pt` (the summaries of a 4-step run, of a run stopped after its checkpoint at step 2, and of its rerun,
+which resumes; whether the wrapper was partitioned in each) beside the runs' folders under `recipe/`.
 """
 
 import os
@@ -28,6 +32,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(__file__))
 from sharded_training import build, optimizer_for, train_steps  # noqa: E402
@@ -172,6 +177,51 @@ def plain_trainer_refused(out_dir: str) -> None:
                 fh.write(str(exc))
 
 
+# ------------------------------------------------------------------------------------ a `vlmdistill train` recipe
+RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "msd", "demo.yaml")
+RECIPE_OVERRIDES = ["training.max_steps=4", "training.save_steps=2", "training.logging_steps=1",
+                    "training.warmup_steps=1", "training.disable_tqdm=true", "training.per_device_train_batch_size=4",
+                    "training.gradient_accumulation_steps=2", "config.micro_batch_size=4", "config.queue_size=16",
+                    "config.alpha_warmup_steps=2", "distributed.strategy=zero3",
+                    "distributed.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 2}}"]
+
+
+class Interrupt(TrainerCallback):
+    """Stops the run after the checkpoint of step 2 (as a killed job would), and notes whether the wrapper's
+    parameters were ZeRO-3 partitions when training began."""
+
+    def __init__(self, stop: bool) -> None:
+        self.stop, self.partitioned = stop, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.partitioned = all(is_zero3(p) for p in model.parameters())
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.stop and state.global_step == 2:
+            raise KeyboardInterrupt
+
+
+def recipe_runs(out_dir: str) -> None:
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from vlmdistill.recipes import load_recipe, run_recipe
+
+    summaries, partitioned = {}, []
+    for name, folder, stop in (("straight", "straight", False), ("interrupted", "interrupted", True),
+                               ("resumed", "interrupted", False)):
+        unset_hf_deepspeed_config()  # the last run's TrainingArguments may still be alive (see trainer_for)
+        watch = Interrupt(stop)
+        recipe = load_recipe(RECIPE, [*RECIPE_OVERRIDES, f"output_dir={os.path.join(out_dir, 'recipe', folder)}"])
+        try:
+            summary = run_recipe(recipe, callbacks=[watch])
+            summaries[name] = {k: summary[k] for k in ("resumed_from", "global_step", "final", "student")}
+            summaries[name]["losses"] = [(h["step"], h["loss"]) for h in summary["log_history"] if "loss" in h]
+        except KeyboardInterrupt:
+            summaries[name] = None
+        partitioned.append(watch.partitioned)
+    save(out_dir, "recipe-msd.pt", {"summaries": summaries, "partitioned": partitioned})
+
+
 def main(out_dir: str, plugins: list[str]) -> None:
     import deepspeed
 
@@ -195,6 +245,8 @@ def main(out_dir: str, plugins: list[str]) -> None:
         if plugin in plugins:
             trainer_runs(out_dir, plugin)
     plain_trainer_refused(out_dir)
+    if "msd" in plugins:
+        recipe_runs(out_dir)
     dist.barrier()
 
 

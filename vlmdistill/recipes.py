@@ -457,8 +457,11 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None, progress: bool = F
     from .runs import finish_run, plan_run
 
     plugin_cls = get_plugin(recipe.plugin)  # importing the plugin registers its builders
-    args = training_arguments(recipe)
-    plan = plan_run(recipe, args.output_dir)
+    # Once TrainingArguments with ZeRO-3 exist, transformers builds models partitioned (zero.Init): an EMA teacher
+    # cannot copy such a student, and a replicated teacher would run outside DeepSpeed's engine. Under ZeRO-3 the
+    # models are built whole first; the Trainer partitions the wrapper, `distributed.teacher` the teacher.
+    args = None if recipe.distributed.strategy == "zero3" else training_arguments(recipe)
+    plan = plan_run(recipe, os.path.join(recipe.output_dir, "checkpoints"))
     if plan.finished is not None:
         return plan.finished
     torch.manual_seed(recipe.seed)
@@ -476,6 +479,7 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None, progress: bool = F
     wrap_kwargs = {k: v for k, v in {**folders.runtime(), **wrap_kwargs}.items() if k in plugin_cls.runtime_args}
     wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config,
                    on_nonfinite=recipe.on_nonfinite, **wrap_kwargs)
+    args = args or training_arguments(recipe)
     _place_teacher(wrapped, recipe.distributed)
     report = RunReport(recipe.output_dir, progress=progress)
     trainer = _recipe_trainer_class()(model=wrapped, args=args, train_dataset=train_dataset,

@@ -1,15 +1,18 @@
-"""Cost of distillation under FSDP2: the lingudistill step against the plain student step, both sharded the same way
-(one unit per block, accelerate's layout), teacher sharded like the student.
+"""Cost of distillation under FSDP2 or DeepSpeed ZeRO-3: the lingudistill step against the plain student step, both
+sharded the same way, teacher sharded like the student.
 
-    python -m vlmdistill.eval.bench.bench_sharding [--steps 6] [--hidden 256] [--layers 4] [--seq 96]
+    python -m vlmdistill.eval.bench.bench_sharding [--engine fsdp2|zero3] [--steps 6] [--hidden 256] [--layers 4]
 
 runs one process (the single-process step-time ratio), then launches itself on 2 CPU ranks (gloo) under torchrun
-for the sharded ratio and the per-rank memory. Per rank, memory = persistent tensors this rank holds (parameter
-shards, gradients, optimizer state, the teacher's shard) + the peak of torch's live allocations during one step
-above its start (CPU profiler events). The distillation step's extra over the plain step should be about the
-teacher's shard + the K/V stash + one gathered teacher block; its time ratio should stay within 5% of the
-single-process one (sharding adds the same communication per student block to both). Ratios are measured in one run,
-the steps interleaved, so machine noise hits both alike.
+for the sharded ratio and the per-rank memory. FSDP2: one unit per block (accelerate's layout), the teacher sharded
+by `vlmdistill.sharding.shard(..., teacher="shard")`. ZeRO-3 (DeepSpeed's CPU accelerator; needs the [deepspeed]
+extra): both models through `deepspeed.initialize` with DeepSpeed's default partitioning, the teacher partitioned by
+`vlmdistill.zero3.partition_teacher`. Per rank, memory = persistent tensors this rank holds (parameter shards or
+partitions, gradients, optimizer state and, under ZeRO-3, the engine's flat buffers; the teacher's shard) + the peak
+of torch's live allocations during one step above its start (CPU profiler events). The distillation step's extra over
+the plain step should be about the teacher's shard + the K/V stash + one gathered teacher block; its time ratio should
+stay within 5% of the single-process one (sharding adds the same communication per student block to both). Ratios
+are measured in one run, the steps interleaved, so machine noise hits both alike.
 """
 
 from __future__ import annotations
@@ -91,9 +94,54 @@ def _state_tensors(model, optimizer, teacher=None):
 
 def _step(model, batch, optimizer):
     loss = model(**batch).loss
+    if optimizer is None:  # a DeepSpeed engine: its backward and step
+        model.backward(loss)
+        model.step()
+        return
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+# ZeRO-3 as a user's config has it (DeepSpeed's default partitioning thresholds); no clipping, as the torch steps
+ZERO3_CONFIG = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
+                "zero_optimization": {"stage": 3}}
+
+
+def _engine_tensors(engine, teacher=None) -> list:
+    """What a ZeRO-3 rank holds for `engine` (its module's partitions and buffers, every tensor the ZeRO-3 optimizer
+    keeps: flat fp32 partitions, gradient partitions, buffers, the inner optimizer's state) and the teacher's
+    partitions."""
+    out = [p.ds_tensor for p in engine.module.parameters()] + list(engine.module.buffers())
+    zero = engine.optimizer
+    for value in vars(zero).values():
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            out += item if isinstance(item, (list, tuple)) else [item]
+    out += [v for state in zero.optimizer.state.values() for v in state.values()]
+    if teacher is not None:
+        out += [p.ds_tensor for p in teacher.parameters()] + list(teacher.buffers())
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (flat buffers count once, whatever views they have)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+    return sum(storages.values())
+
+
+def _zero3(plain, wrapped, args):
+    import deepspeed
+
+    from vlmdistill.zero3 import partition_teacher
+
+    partition_teacher(wrapped)
+    config = {**ZERO3_CONFIG, "train_micro_batch_size_per_gpu": args.batch}
+    plain, *_ = deepspeed.initialize(model=plain, optimizer=torch.optim.AdamW(plain.parameters(), lr=1e-4),
+                                     config=config)
+    optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
+    engine, *_ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=config)
+    return plain, engine
 
 
 def measure(args, *, sharded: bool) -> dict:
@@ -101,12 +149,18 @@ def measure(args, *, sharded: bool) -> dict:
     from vlmdistill.sharding import shard, shard_blocks
 
     plain, wrapped, batch = _models(args)
-    if sharded:
-        shard_blocks(plain)
-        shard(wrapped, teacher="shard")
     teacher = wrapped.teacher
-    opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-4)
-    opt_distill = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
+    zero3 = sharded and args.engine == "zero3"
+    if zero3:
+        plain_engine, distill_engine = _zero3(plain, wrapped, args)
+        wrapped = distill_engine  # the steps run through the engines
+        plain, opt_plain, opt_distill = plain_engine, None, None
+    else:
+        if sharded:
+            shard_blocks(plain)
+            shard(wrapped, teacher="shard")
+        opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-4)
+        opt_distill = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
     plain.train()
     wrapped.train()
     plain_batch = batch
@@ -122,11 +176,16 @@ def measure(args, *, sharded: bool) -> dict:
     peak_plain = allocator_peak_mb(lambda: _step(plain, plain_batch, opt_plain))
     peak_distill = allocator_peak_mb(lambda: _step(wrapped, batch, opt_distill))
     mib = 2 ** 20
-    out = {"step_s": {k: statistics.median(v) for k, v in times.items()},
-           "persistent_mib": {"plain": _persistent_bytes(_state_tensors(plain, opt_plain)) / mib,
-                              "distill": _persistent_bytes(_state_tensors(wrapped, opt_distill, teacher)) / mib},
-           "step_peak_mib": {"plain": peak_plain, "distill": peak_distill},
-           "teacher_shard_mib": _persistent_bytes(list(teacher.parameters())) / mib}
+    if zero3:
+        persistent = {"plain": _storage_bytes(_engine_tensors(plain)) / mib,
+                      "distill": _storage_bytes(_engine_tensors(wrapped, teacher)) / mib}
+        teacher_mib = _storage_bytes([p.ds_tensor for p in teacher.parameters()]) / mib
+    else:
+        persistent = {"plain": _persistent_bytes(_state_tensors(plain, opt_plain)) / mib,
+                      "distill": _persistent_bytes(_state_tensors(wrapped, opt_distill, teacher)) / mib}
+        teacher_mib = _persistent_bytes(list(teacher.parameters())) / mib
+    out = {"step_s": {k: statistics.median(v) for k, v in times.items()}, "persistent_mib": persistent,
+           "step_peak_mib": {"plain": peak_plain, "distill": peak_distill}, "teacher_shard_mib": teacher_mib}
     out["time_ratio"] = out["step_s"]["distill"] / out["step_s"]["plain"]
     out["total_mib"] = {k: out["persistent_mib"][k] + out["step_peak_mib"][k] for k in ("plain", "distill")}
     out["extra_mib"] = out["total_mib"]["distill"] - out["total_mib"]["plain"]
@@ -143,7 +202,12 @@ def kv_stash_mib(args) -> float:
 def _worker(args) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    if args.engine == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
     try:
         result = measure(args, sharded=True)
         results = [None] * dist.get_world_size()
@@ -157,6 +221,7 @@ def _worker(args) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engine", choices=("fsdp2", "zero3"), default="fsdp2")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -180,13 +245,14 @@ def main(argv=None) -> int:
         ranks = json.load(fh)
     os.remove(out)
     report = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
-              "single_process": single, "fsdp2_2_ranks": ranks,
+              "single_process": single, f"{args.engine}_2_ranks": ranks,
               "time_ratio_change": ranks[0]["time_ratio"] / single["time_ratio"] - 1.0,
               "kv_stash_bound_mib": kv_stash_mib(args)}
     print(json.dumps(report, indent=2))
     r0 = ranks[0]
     print(f"\nsingle process: distill/plain step time {single['time_ratio']:.3f}")
-    print(f"FSDP2, 2 ranks: distill/plain step time {r0['time_ratio']:.3f} "
+    engine = {"fsdp2": "FSDP2", "zero3": "ZeRO-3"}[args.engine]
+    print(f"{engine}, 2 ranks: distill/plain step time {r0['time_ratio']:.3f} "
           f"({100 * report['time_ratio_change']:+.1f}% vs one process)")
     print(f"per-rank memory (rank 0): plain {r0['total_mib']['plain']:.1f} MiB, "
           f"distill {r0['total_mib']['distill']:.1f}"
