@@ -137,21 +137,13 @@ class LinguDistillPlugin(DistillationPlugin):
 
     @staticmethod
     def _check_triton(text_config, teacher_lm: TeacherLM) -> None:
+        from vlmdistill.kernels import triton_refusal
         from vlmdistill.teachers import module_device
 
-        from .two_source import fused_kernel
-
-        if fused_kernel() is None:
-            raise ConfigError("kernel='triton' needs vlmdistill.kernels (the fused two-source attention kernel)")
-        from vlmdistill.kernels import KERNEL_HEAD_DIMS, triton_can_run
-
-        device = module_device(teacher_lm.decoder)
-        if not triton_can_run(device):
-            raise ConfigError(f"kernel='triton': the teacher is on {device}; the Triton kernel needs CUDA (or "
-                              "TRITON_INTERPRET=1 on the CPU). Use kernel='auto' to fall back to torch")
-        if head_dim(text_config) not in KERNEL_HEAD_DIMS:
-            raise ConfigError(f"kernel='triton' supports head_dim in {KERNEL_HEAD_DIMS}; this model has "
-                              f"{head_dim(text_config)}. Use kernel='auto' or 'torch'")
+        # The dispatcher's own policy (head dims up to 128 run zero-padded); the dtype is known only per call
+        refusal = triton_refusal(head_dim(text_config), None, module_device(teacher_lm.decoder))
+        if refusal:
+            raise ConfigError(f"kernel='triton': {refusal}. Use kernel='auto' to fall back to torch")
 
     def attach(self, student: nn.Module, hooks) -> None:
         teacher_lm = self._teacher_lm
