@@ -35,7 +35,7 @@ from .config import LinguDistillConfig
 from .families import text_decoder, visual_token_ids
 from vlmdistill.losses import auto_chunk_rows, supervised_rows, task_and_distill_sums
 from .layout import build_layout, distilled_rows, document_ids, prompt_mask
-from .loss import kd_sum, task_ce_sums
+from .losses import kd_sum, task_ce_sums
 from .selection import sample_kd_mask
 from .teacher_lm import TeacherLM
 
