@@ -14,7 +14,6 @@ Irawan et al., "LinguDistill", arXiv 2604.00829.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any
 
@@ -280,8 +279,8 @@ class LinguDistillPlugin(DistillationPlugin):
         return hidden[state.layout.distill_slot.to(hidden.device)]
 
     def _teacher_head(self, hidden_rows: torch.Tensor) -> torch.Tensor:
-        grad = contextlib.nullcontext() if not self.config.detach_shared_kv else torch.no_grad()
-        with grad, self._base_adapters_off():
+        # The head runs outside the teacher's forward, under the same context (adapters off for teacher='base')
+        with self.teacher_context(grad=not self.config.detach_shared_kv):
             return self._teacher_lm.logits(hidden_rows)
 
     @torch.no_grad()
@@ -302,13 +301,3 @@ class LinguDistillPlugin(DistillationPlugin):
         with self._teacher_lm.head_available():
             teacher = self._teacher_head(hidden)[:, :width]
         return {"student": logits[b, t, :width], "teacher": teacher, "rows": torch.stack((b, t), 1)}
-
-    @contextlib.contextmanager
-    def _base_adapters_off(self):
-        if self._teacher_is_student_base:
-            from vlmdistill.teachers import adapters_disabled
-
-            with adapters_disabled(self.teacher):
-                yield
-        else:
-            yield
