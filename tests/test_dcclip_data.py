@@ -11,7 +11,7 @@ from vlmdistill.data.image_text import decode_keys
 from vlmdistill.errors import DataError
 from vlmdistill.plugins.dcclip.data import (ClipImageTransform, ImageTextCollator, ImageTextSample, ImageTextShards,
                                             write_image_text_shards)
-from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+from vlmdistill.data.text import train_caption_tokenizer
 
 
 CAPTIONS = {"en": "a photo of the digit {}.", "zh": "数字{}的照片。"}

@@ -39,7 +39,7 @@ _DATA_BUILDERS: dict[str, Callable] = {}
 _DATA_CHECKS: dict[str, Callable] = {}
 
 
-# Modules of the library's own builders; a plugin names its module in `DistillationPlugin.recipe_builders`. They are
+# Modules of the library's own builders; a plugin names its modules in `DistillationPlugin.recipe_builders`. They are
 # imported only when a recipe looks a builder up (`load_builders`), so importing a plugin registers nothing.
 CORE_BUILDER_MODULES = ("vlmdistill.data.image_text",)
 _builders_loaded = False
@@ -78,14 +78,16 @@ def register_data_check(name: str):
 
 
 def load_builders() -> None:
-    """Import the core builder modules and every installed plugin's `recipe_builders` module (once)."""
+    """Import the core builder modules and every installed plugin's `recipe_builders` modules (once)."""
     global _builders_loaded
     if _builders_loaded:
         return
     from .registry import get_plugin, list_plugins
 
     modules = list(CORE_BUILDER_MODULES)
-    modules += [m for m in (get_plugin(name).recipe_builders for name in list_plugins()) if m]
+    for name in list_plugins():
+        named = get_plugin(name).recipe_builders or ()
+        modules += [named] if isinstance(named, str) else list(named)
     for module in modules:
         importlib.import_module(module)
     _builders_loaded = True

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 import vlmdistill
-from vlmdistill.plugins.ccd import CTCRecognizer, ccd_vit
+from vlmdistill.eval.ctc_recognizer import CTCRecognizer
+from vlmdistill.plugins.ccd import ccd_vit
 from vlmdistill.plugins.ccd import plugin as ccd_plugin
-from vlmdistill.plugins.ccd.rendering import render_words, to_pixel_values
+from vlmdistill.data.rendered_words import render_words, to_pixel_values
 
 MASK_PIPELINE = ("pseudo_text_masks", "character_slots", "warp_masks", "slot_token_weights")
 VIEWS = ("make_views",)

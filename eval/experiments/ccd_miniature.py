@@ -66,7 +66,7 @@ def _pretrain(images: np.ndarray, s: dict, instances: str, seed: int, output_dir
 
     import vlmdistill
     from vlmdistill.plugins.ccd import teacher_encoder
-    from vlmdistill.plugins.ccd.rendering import WordImages, collate_unlabeled
+    from vlmdistill.data.rendered_words import WordImages, collate_unlabeled
 
     steps = s["pretrain_steps"]
     wrapped = vlmdistill.wrap(
@@ -91,16 +91,16 @@ def _pretrain(images: np.ndarray, s: dict, instances: str, seed: int, output_dir
 
 
 def _unit(pixels: torch.Tensor) -> torch.Tensor:
-    from vlmdistill.plugins.ccd.rendering import IMAGENET_MEAN, IMAGENET_STD
+    from vlmdistill.data.image_stats import IMAGENET_MEAN, IMAGENET_STD, unnormalise
 
-    return (pixels * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+    return unnormalise(pixels, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @torch.no_grad()
 def segmentation_iou(wrapped, images: np.ndarray, masks: np.ndarray, batch: int = 100) -> float:
     """Dataset IoU of the text class: the student's segmentation head (argmax) against the true masks."""
     from vlmdistill.plugins.ccd.backbones import patch_tokens
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+    from vlmdistill.data.rendered_words import to_pixel_values
 
     plugin, student = wrapped.plugin, wrapped.student
     spec, blocks = plugin.spec, plugin.config.seg_blocks
@@ -132,7 +132,7 @@ def iou(predicted: torch.Tensor, truth: torch.Tensor) -> float:
 def box_features(encoder, split: dict, max_characters: int = 6, batch: int = 100):
     """(features `[C, E]`, letters `[C]`): final tokens pooled in each ground-truth character box."""
     from vlmdistill.plugins.ccd.masks import pool_characters, slot_token_weights
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+    from vlmdistill.data.rendered_words import to_pixel_values
 
     from .ccd_glyphs import LETTERS, box_masks
 
@@ -189,7 +189,7 @@ def _schedule(optimizer, steps: int):
 
 
 def word_accuracy(recogniser, split: dict, batch: int = 100) -> float:
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+    from vlmdistill.data.rendered_words import to_pixel_values
 
     predicted = []
     recogniser.eval()
@@ -202,8 +202,8 @@ def word_accuracy(recogniser, split: dict, batch: int = 100) -> float:
 def finetune(encoder, labelled: dict, validation: dict, test: dict, s: dict, seed: int) -> dict:
     """CTC recogniser, encoder + head trained (AdamW, warm-up + cosine, clipping 3). Every `check_every` steps it
     is scored on the validation split; the test accuracy reported is that of the best validation checkpoint."""
-    from vlmdistill.plugins.ccd import CTCRecognizer
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+    from vlmdistill.eval.ctc_recognizer import CTCRecognizer
+    from vlmdistill.data.rendered_words import to_pixel_values
 
     from .ccd_glyphs import LETTERS
 
@@ -245,7 +245,7 @@ def paired_t(a: list[float], b: list[float]) -> dict:
 
 def run(output_dir: str, seeds: list[int], quick: bool = False, with_finetune: bool = False) -> dict:
     from vlmdistill.plugins.ccd.masks import pseudo_text_masks
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+    from vlmdistill.data.rendered_words import to_pixel_values
 
     torch.set_num_threads(1)
     s = SETTINGS["quick" if quick else "full"]

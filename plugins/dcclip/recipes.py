@@ -1,7 +1,5 @@
 """Recipe builders for `vlmdistill train` and the `vlmdistill cache-teacher RECIPE` command.
 
-* model builder `dcclip-hf-clip`: a randomly initialised transformers CLIP-family model sized by
-  arguments, its vocabulary taken from a local tokenizer folder;
 * data builder `dcclip-image-text`: image–text webdataset shards (see `data.py`), preprocessed and
   tokenised for the student, with the `sample_key` / `augmentation_seed` columns the cache uses.
 
@@ -15,7 +13,7 @@ import argparse
 from typing import Any, Optional
 
 from vlmdistill.errors import ConfigError
-from vlmdistill.recipes import register_data_builder, register_model_builder
+from vlmdistill.recipes import register_data_builder
 
 
 def _tokenizer(path: str):
@@ -24,23 +22,6 @@ def _tokenizer(path: str):
     from vlmdistill.hf import from_local_folder
 
     return from_local_folder(AutoTokenizer, path, role="tokenizer")
-
-
-@register_model_builder("dcclip-hf-clip")
-def build_hf_clip(tokenizer: str, family: str = "clip", hidden: int = 32, layers: int = 2, heads: int = 2,
-                  patch: int = 8, image_size: int = 24, projection: int = 32, max_positions: int = 32, seed: int = 0):
-    """A CLIPModel / AltCLIPModel / ChineseCLIPModel / SiglipModel whose text tower fits `tokenizer`. A CLIP text
-    tower pools at the tokenizer's end-of-text id; one it cannot pool at (XLM-R's `</s>` = 2, which transformers
-    reads as its legacy highest-id rule) is refused, naming the families that pool otherwise."""
-    from .compat import check_eos_pooling
-    from .testing import tiny_hf_clip
-
-    tok = _tokenizer(tokenizer)
-    model = tiny_hf_clip(family, hidden=hidden, layers=layers, heads=heads, patch=patch, image_size=image_size,
-                         vocab=len(tok), max_positions=max_positions, projection=projection,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=seed)
-    check_eos_pooling(model, tok, f"dcclip-hf-clip model (family {family!r})")
-    return model
 
 
 @register_data_builder("dcclip-image-text")
