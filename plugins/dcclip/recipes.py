@@ -83,7 +83,7 @@ def cache_teacher_main(argv: list[str] | None = None) -> int:
     import torch
 
     import vlmdistill
-    from vlmdistill.recipes import ModelSpec, _lookup, _DATA_BUILDERS, build_model, load_recipe
+    from vlmdistill.recipes import ModelSpec, build, load_recipe
 
     parser = argparse.ArgumentParser(prog="vlmdistill cache-teacher",
                                      description="Precompute a recipe's teacher features for dcclip stage 1")
@@ -106,12 +106,11 @@ def cache_teacher_main(argv: list[str] | None = None) -> int:
     if not output:
         raise ConfigError("no cache directory: set config.teacher_cache in the recipe or pass --output")
     config.update(teacher_cache=None, stage=1, switch_at_step=None, switch_at_epoch=None)
-    torch.manual_seed(recipe.seed)
-    student = build_model(recipe.student, role="student")
-    teacher = build_model(recipe.teacher, role="teacher")
-    built = _lookup(_DATA_BUILDERS, recipe.data.builder, "data builder")(student, teacher, **recipe.data.kwargs)
-    dataset, collator, runtime = (*built, {}) if len(built) == 2 else built
-    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, config=config, **runtime)
+    # the recipe's models and data, built as `vlmdistill train` builds them, so the cache matches the training
+    built = build(recipe, eval_data=False)
+    dataset, collator = built.train_dataset, built.data_collator
+    wrapped = vlmdistill.wrap(built.student, plugin="dcclip", teacher=built.teacher, config=config,
+                              **built.wrap_kwargs)
 
     def passes():
         for epoch in range(getattr(dataset, "augmentation_seeds", 1)):  # every augmentation the training will see
