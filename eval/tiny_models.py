@@ -20,9 +20,9 @@ HFFamily = Literal["clip", "altclip", "chinese_clip", "siglip"]
 def tiny_hf_clip(family: HFFamily = "clip", *, hidden: int = 32, layers: int = 2, heads: int = 2, patch: int = 8,
                  image_size: int = 32, vocab: int = 64, max_positions: int = 40, projection: int = 16,
                  text_hidden: int | None = None, eos_token_id: int = 3, pad_token_id: int = 0,
-                 bos_token_id: int | None = None, seed: int = 0):
+                 bos_token_id: int | None = None, text_config: dict | None = None, seed: int = 0):
     """A transformers CLIP-family model with small towers. A CLIP text tower pools at `eos_token_id`
-    (`bos_token_id` defaults to the id below it)."""
+    (`bos_token_id` defaults to the id below it); `text_config` sets further text-config fields."""
     import transformers as T
 
     text_hidden = text_hidden or hidden
@@ -31,20 +31,25 @@ def tiny_hf_clip(family: HFFamily = "clip", *, hidden: int = 32, layers: int = 2
     text = dict(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, vocab_size=vocab, max_position_embeddings=max_positions,
                 pad_token_id=pad_token_id)
+    bos = eos_token_id - 1 if bos_token_id is None else bos_token_id
+    per_family = {
+        "clip": dict(eos_token_id=eos_token_id, bos_token_id=bos),
+        "altclip": dict(project_dim=projection, max_position_embeddings=max_positions + 2),
+        "chinese_clip": {},
+        "siglip": dict(eos_token_id=eos_token_id),
+    }
+    if family not in per_family:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(per_family)}")
+    text.update(per_family[family], **(text_config or {}))
     torch.manual_seed(seed)
     if family == "clip":
-        text.update(eos_token_id=eos_token_id, bos_token_id=eos_token_id - 1 if bos_token_id is None else bos_token_id)
         return T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection))
     if family == "altclip":
-        text.update(project_dim=projection, max_position_embeddings=max_positions + 2)
         return T.AltCLIPModel(T.AltCLIPConfig(text_config=text, vision_config=vision, projection_dim=projection))
     if family == "chinese_clip":
         return T.ChineseCLIPModel(T.ChineseCLIPConfig(text_config=text, vision_config=vision,
                                                       projection_dim=projection))
-    if family == "siglip":
-        text.update(eos_token_id=eos_token_id)
-        return T.SiglipModel(T.SiglipConfig(text_config=text, vision_config=vision))
-    raise ValueError(f"unknown family {family!r}; choose one of clip, altclip, chinese_clip, siglip")
+    return T.SiglipModel(T.SiglipConfig(text_config=text, vision_config=vision))
 
 
 def open_clip_config(kind: Literal["vit", "resnet"] = "vit", *, width: int = 32, layers: int = 2, patch: int = 8,

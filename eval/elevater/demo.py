@@ -27,6 +27,7 @@ from PIL import Image
 
 from vlmdistill.extras import require
 
+from ..tiny_models import open_clip_config
 from .tasks import TaskSpec
 
 DIGIT_NAMES = {
@@ -53,11 +54,8 @@ OBJECT_TEMPLATES = {
     "zh": ("{}的照片", "{}的局部照片", "{}的特写照片"),
 }
 TINY_CLIP_NAME = "vlmdistill-tiny-clip"
-TINY_CLIP_CONFIG = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+_TINY_CLIP_SIZE = dict(width=64, layers=2, patch=8, image_size=32, vocab=49408, context=32, embed_dim=64)
+TINY_CLIP_CONFIG = open_clip_config("vit", **_TINY_CLIP_SIZE)
 
 
 # ------------------------------------------------------------------ tasks
@@ -163,12 +161,10 @@ def build_tiny_clip(seed: int = 0):
     """A randomly initialised open_clip model from `TINY_CLIP_CONFIG`, and its tokenizer."""
     import open_clip
 
-    from .adapters import register_open_clip_config
+    from ..tiny_models import tiny_open_clip
 
-    register_open_clip_config(TINY_CLIP_NAME, TINY_CLIP_CONFIG)
-    torch.manual_seed(seed)
-    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None, pretrained_text=False)
-    return model, open_clip.get_tokenizer(TINY_CLIP_NAME)
+    model, name = tiny_open_clip("vit", seed=seed, name=TINY_CLIP_NAME, **_TINY_CLIP_SIZE)
+    return model, open_clip.get_tokenizer(name)
 
 
 def train_tiny_clip(model, tokenizer, images: Sequence[Image.Image], captions: Sequence[Sequence[str]],
