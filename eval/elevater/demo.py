@@ -25,15 +25,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vlmdistill.data.digits import DIGIT_NAMES_EN, DIGIT_NAMES_ZH, load_digits_arrays
 from vlmdistill.extras import require
 
 from ..tiny_models import open_clip_config
 from .tasks import TaskSpec
 
-DIGIT_NAMES = {
-    "en": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
-    "zh": ("零", "一", "二", "三", "四", "五", "六", "七", "八", "九"),
-}
+DIGIT_NAMES = {"en": tuple(DIGIT_NAMES_EN), "zh": tuple(DIGIT_NAMES_ZH)}
 DIGIT_TEMPLATES = {
     "en": ("a photo of the digit {}.", "a blurry photo of the digit {}.", "a drawing of the number {}."),
     "zh": ("数字{}的照片", "数字{}的模糊照片", "数字{}的图片"),
@@ -80,12 +78,10 @@ def mosaics_task(language: str = "en") -> TaskSpec:
 
 def digits_images(size: int = 32) -> tuple[list[Image.Image], np.ndarray]:
     """All 1,797 scikit-learn digits as RGB images of `size` pixels (white strokes on black), and labels."""
-    load_digits = require("sklearn.datasets", "the ELEVATER demo's digit images").load_digits
-
-    digits = load_digits()
-    pixels = (digits.images / 16.0 * 255).astype(np.uint8)
+    arrays, labels = load_digits_arrays()
+    pixels = (arrays / 16.0 * 255).astype(np.uint8)
     images = [Image.fromarray(p).resize((size, size), Image.BICUBIC).convert("RGB") for p in pixels]
-    return images, digits.target.astype(np.int64)
+    return images, labels.astype(np.int64)
 
 
 def digits_split(size: int = 32, test_size: int = 500, seed: int = 0):

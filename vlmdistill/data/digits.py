@@ -26,18 +26,22 @@ END_OF_TEXT = "<|endoftext|>"
 MAX_TOKENS = 24
 
 
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 digits as scikit-learn ships them: `[N, 8, 8]` intensities 0..16 (float64) and `[N]` labels."""
+    data = require("sklearn.datasets", "the bundled digit images").load_digits()
+    return data.images, data.target
+
+
 def load_digits_images(size: int = 32, seed: int = 0, test_fraction: float = 0.25):
     """Digit images as float tensors in [0, 1], `[N, 3, size, size]`, with a fixed shuffled split.
 
     Returns (train_images, train_labels, test_images, test_labels).
     """
-    load_digits = require("sklearn.datasets", "the bundled digit images").load_digits
-
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32) / 16.0  # 0..16 intensities
+    arrays, targets = load_digits_arrays()
+    images = torch.tensor(arrays, dtype=torch.float32) / 16.0  # 0..16 intensities
     images = torch.nn.functional.interpolate(images[:, None], size=(size, size), mode="bilinear",
                                              align_corners=False).clamp(0, 1).repeat(1, 3, 1, 1)
-    labels = torch.tensor(data.target, dtype=torch.long)
+    labels = torch.tensor(targets, dtype=torch.long)
     order = torch.from_numpy(np.random.default_rng(seed).permutation(len(labels)))
     images, labels = images[order], labels[order]
     n_test = int(round(len(labels) * test_fraction))
