@@ -41,7 +41,8 @@ QUICK_WORDS = (["alpha", "beta", "gamma", "delta", "format", "string", "module",
                ["socket", "thread", "buffer", "encode", "parse", "token"])
 
 
-def _encoder(scale: dict, seed: int):
+def tiny_encoder(scale: dict, seed: int):
+    """The demos' randomly initialised tiny CCD ViT (`embed_dim`, `depth`, `heads` from `scale`)."""
     from vlmdistill.plugins.ccd import ccd_vit
 
     torch.manual_seed(seed)
@@ -71,7 +72,7 @@ def _pretrain(images: np.ndarray, scale: dict, output_dir: str, seed: int):
 
     steps = scale["pretrain_steps"]
     wrapped = vlmdistill.wrap(
-        _encoder(scale, seed), plugin="ccd", seg_blocks=scale["seg_blocks"], out_dim=scale["out_dim"],
+        tiny_encoder(scale, seed), plugin="ccd", seg_blocks=scale["seg_blocks"], out_dim=scale["out_dim"],
         head_hidden_dim=scale["head_hidden"], bottleneck_dim=scale["bottleneck"],
         seg_hidden_channels=scale["seg_hidden"], seg_map_channels=scale["seg_map"],
         # A short run: a faster EMA than the paper's 0.9995 (whose teacher would barely move in a few hundred
@@ -223,7 +224,7 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, encoder_dir: str
         images, words = pre_images[subset], [pre_words[i] for i in subset]
         for seed in seeds:
             for arm in ("scratch", "ccd"):
-                encoder = copy.deepcopy(pretrained) if arm == "ccd" else _encoder(scale, 1000 + seed)
+                encoder = copy.deepcopy(pretrained) if arm == "ccd" else tiny_encoder(scale, 1000 + seed)
                 key = arm if arm == "ccd" else f"scratch-{seed}"
                 if key not in eval_cache:
                     eval_cache[key] = _character_features(encoder, eval_images, eval_words, CHARSET_36)

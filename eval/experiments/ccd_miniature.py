@@ -31,6 +31,8 @@ import time
 import numpy as np
 import torch
 
+from .ccd import tiny_encoder
+
 SETTINGS = {
     "full": dict(embed_dim=32, depth=3, heads=2, seg_blocks=[1, 2, 3], seg_hidden=16, seg_map=8, out_dim=512,
                  head_hidden=256, bottleneck=64, slices=4, teacher_momentum=0.99, teacher_temperature=0.04,
@@ -45,13 +47,6 @@ SETTINGS = {
 }
 PROBE_WEIGHT_DECAYS = (1e-4, 1e-2, 1e-1)
 ARMS = ("scratch", "slices", "ccd")
-
-
-def _encoder(s: dict, seed: int):
-    from vlmdistill.plugins.ccd import ccd_vit
-
-    torch.manual_seed(seed)
-    return ccd_vit("tiny", embed_dim=s["embed_dim"], depth=s["depth"], num_heads=s["heads"], drop_path_rate=0.1)
 
 
 def _data(s: dict) -> dict:
@@ -70,7 +65,7 @@ def _pretrain(images: np.ndarray, s: dict, instances: str, seed: int, output_dir
 
     steps = s["pretrain_steps"]
     wrapped = vlmdistill.wrap(
-        _encoder(s, seed), plugin="ccd", instances=instances, slices=s["slices"], seg_blocks=s["seg_blocks"],
+        tiny_encoder(s, seed), plugin="ccd", instances=instances, slices=s["slices"], seg_blocks=s["seg_blocks"],
         out_dim=s["out_dim"], head_hidden_dim=s["head_hidden"], bottleneck_dim=s["bottleneck"],
         seg_hidden_channels=s["seg_hidden"], seg_map_channels=s["seg_map"], seed=seed,
         # a short run: a faster EMA than the paper's 0.9995, prototypes frozen for the first 10%, pseudo masks
@@ -259,7 +254,7 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, with_finetune: b
           f"images in {time.time() - t0:.0f} s; k-means pseudo-mask IoU on test {pseudo_iou:.3f}", flush=True)
     rows = []
     for seed in seeds:
-        encoders, row = {"scratch": _encoder(s, 1000 + seed)}, {"seed": seed}
+        encoders, row = {"scratch": tiny_encoder(s, 1000 + seed)}, {"seed": seed}
         for instances, arm in (("slices", "slices"), ("characters", "ccd")):
             t1 = time.time()
             wrapped, encoders[arm], logs = _pretrain(pre["images"], s, instances, seed, output_dir)
@@ -281,7 +276,7 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, with_finetune: b
                 print(f"seed {seed} {arm:7s} fine-tuned word accuracy {tuned['test']:.3f} (step {tuned['step']}, "
                       f"validation {tuned['validation']:.3f})", flush=True)
         if with_finetune and seed == seeds[0]:   # is the rendering learnable? the recogniser on all labels
-            row["all_labels"] = finetune(_encoder(s, 2000 + seed), pre, val, test, s, seed)
+            row["all_labels"] = finetune(tiny_encoder(s, 2000 + seed), pre, val, test, s, seed)
             print(f"seed {seed} scratch on all {len(pre['words'])} labels: word accuracy "
                   f"{row['all_labels']['test']:.3f} (curve {row['all_labels']['curve']})", flush=True)
         rows.append(row)
