@@ -174,7 +174,7 @@ def test_training_preprocessing_is_the_elevater_harness_preprocessing():
     from PIL import Image
 
     from vlmdistill.eval.elevater.protocol import elevater_transform
-    from vlmdistill.plugins.dcclip.data import OPENAI_MEAN, OPENAI_STD
+    from vlmdistill.data.image_stats import OPENAI_MEAN, OPENAI_STD
 
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 12, 3), dtype=np.uint8))
     assert torch.equal(ClipImageTransform(16)(image), elevater_transform(16, OPENAI_MEAN, OPENAI_STD)(image))
