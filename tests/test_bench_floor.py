@@ -95,15 +95,16 @@ def test_preset_benchmarks_report_floor_and_memory_per_arm(tmp_path, capsys):
 
     assert bench_lingudistill.main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--threads", "1",
                                     "--teacher-pass", "--breakdown", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "bench_lingudistill.json").read_text())
+    result = json.loads((tmp_path / "results.json").read_text())
     assert set(result["rss"]) == {"plain", "torch"} and result["rss"]["torch"]["peak"] > 0
     assert result["teacher_pass"]["cpu"]["n"] == 1
     phases = result["breakdown"]
     assert set(phases["plain"]) == {"student forward", "backward", "optimizer"}
     assert set(phases["lingudistill"]) == set(bench_lingudistill.PHASES) and phases["lingudistill"]["teacher pass"] > 0
     assert bench_kd.main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--memory",
-                          "--json", str(tmp_path / "kd.json")]) == 0
-    kd = json.loads((tmp_path / "kd.json").read_text())
+                          "--out", str(tmp_path / "kd")]) == 0
+    kd = json.loads((tmp_path / "kd" / "results.json").read_text())
+    assert "floor from the shapes" in (tmp_path / "kd" / "results.md").read_text()
     assert set(kd["rss"]) == {"plain", "kd"} and kd["floor"]["floor"] > 1.0
     out = capsys.readouterr().out
     assert "floor from the shapes" in out and "resident memory" in out and "| teacher pass |" in out

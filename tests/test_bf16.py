@@ -77,7 +77,7 @@ def test_trainer_bf16_runs_and_follows_fp32(plugin, tmp_path):
 
 
 def test_msd_similarities_and_queues_stay_fp32():
-    from vlmdistill.plugins.msd.loss import momentum_contrastive_rows
+    from vlmdistill.plugins.msd.losses import momentum_contrastive_rows
 
     case = load_case("msd")
     wrapped = _wrapped(case, "msd")

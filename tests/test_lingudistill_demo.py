@@ -53,7 +53,7 @@ def test_benchmark_runs_and_reports_ratios(tmp_path, capsys):
 
     bench.main(["--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--vocab", "256", "--batch", "2",
                 "--seq", "36", "--steps", "1", "--warmup", "1", "--no-memory", "--out", str(tmp_path)])
-    result = json.loads((tmp_path / "bench_lingudistill.json").read_text())
+    result = json.loads((tmp_path / "results.json").read_text())
     ratio = result["timing"]["ratio"]
     assert ratio["plain"]["median"] == 1.0
     assert {"lingudistill text-only (torch)", "lingudistill full-length (reference)"} <= set(ratio)

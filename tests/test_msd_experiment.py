@@ -49,7 +49,7 @@ def test_benchmark_quick_reports_ratios(tmp_path):
     from vlmdistill.eval.bench.bench_msd import main, vit_b16_shapes
 
     assert 85e6 < sum(__import__("math").prod(s) for s in vit_b16_shapes()) < 87e6   # ViT-B/16 sized
-    out = tmp_path / "bench.json"
-    assert main(["--quick", "--threads", "1", "--accumulation", "2", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
+    assert main(["--quick", "--threads", "1", "--accumulation", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert "fused speed-up" in (tmp_path / "results.md").read_text()
     assert result["ema"]["speedup_vs_albef_loop"] > 0 and result["steps"][0]["ratio"] > 0

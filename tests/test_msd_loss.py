@@ -9,7 +9,7 @@ from contract_cases.msd import collate, examples, tiny_clip
 
 import vlmdistill
 from vlmdistill.errors import ConfigError, UnsupportedModelError
-from vlmdistill.plugins.msd.loss import momentum_contrastive_rows
+from vlmdistill.plugins.msd.losses import momentum_contrastive_rows
 
 
 def _reference_rows(v, t, image_keys, text_keys, positives, alpha, scale):

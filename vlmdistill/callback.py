@@ -9,8 +9,9 @@
 `DistillationTrainerMixin` (or the ready `DistillationTrainer`) is for plugins that must see a whole
 gradient-accumulation window before its first micro-batch (momentum self-distillation computes the
 teacher keys of all micro-batches first), for plugins that train in stages (each stage starts with a fresh
-optimizer state and its own learning-rate schedule, warm-up included: `vlmdistill.stages`), and it logs the
-terms before every reporting callback.
+optimizer state and its own learning-rate schedule, warm-up included: `vlmdistill.stages`), it logs the
+terms before every reporting callback, and under DeepSpeed it saves the wrapper's own gathered state (a plain
+Trainer cannot: `DistillationCallback` refuses that combination).
 """
 
 from __future__ import annotations
@@ -40,8 +41,14 @@ class DistillationCallback(TrainerCallback):
         if wrapper.on_nonfinite == "skip" and getattr(args, "deepspeed", None):
             raise ConfigError("on_nonfinite='skip' cannot drop a step under DeepSpeed (its engine owns the optimizer "
                               "step); use on_nonfinite='raise'")
+        mixin = wrapper.__dict__.get("_in_distillation_trainer", False)
+        if getattr(args, "deepspeed", None) and not mixin:
+            raise ConfigError("under DeepSpeed, train with vlmdistill.DistillationTrainer (or a Trainer with "
+                              "DistillationTrainerMixin): a plain Trainer saves DeepSpeed's gathered state dict, whose "
+                              "tied weights share memory (safetensors refuses them at the first checkpoint) and which "
+                              "lacks the plugin state")
         boundaries = wrapper.plugin.stage_boundaries()
-        if boundaries and not wrapper.__dict__.get("_stages_restarted_by_trainer", False):
+        if boundaries and not mixin:
             warnings.warn(f"plugin {wrapper.plugin.name!r} trains in stages (new stage after optimizer step(s) "
                           f"{list(boundaries)}), but a plain Trainer runs one optimizer state and one learning-rate "
                           "schedule across them; vlmdistill.DistillationTrainer (or DistillationTrainerMixin) starts "
@@ -108,7 +115,7 @@ class DistillationTrainerMixin:
         super().__init__(*args, **kwargs)
         wrapper = _find_wrapper(self.model)
         if wrapper is not None:
-            wrapper.__dict__["_stages_restarted_by_trainer"] = True
+            wrapper.__dict__["_in_distillation_trainer"] = True
         self.add_callback(StageRestartCallback())  # last: after DistillationCallback has ended the step
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -142,6 +149,20 @@ class DistillationTrainerMixin:
             windows = batch_samples if on_host else [self._prepare_inputs(b) for b in batch_samples]
             wrapper.plugin.on_accumulation_window(windows)
         return batch_samples, num_items_in_batch
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        wrapper = _find_wrapper(self.model)
+        engine = getattr(self, "deepspeed", None) if getattr(self, "is_deepspeed_enabled", False) else None
+        if wrapper is None or engine is None or not engine.zero_gather_16bit_weights_on_model_save():
+            return super().save_model(output_dir, _internal_call)
+        # DeepSpeed's gathered state dict (what the Trainer writes) keeps tied weights sharing memory, which
+        # safetensors refuses, and skips the wrapper's state-dict hooks (plugin state, 0-dim parameters). The
+        # wrapper's own state dict, gathered module by module, is what a checkpoint without DeepSpeed holds.
+        from .distributed import full_state_dict
+
+        self._save(output_dir or self.args.output_dir, state_dict=full_state_dict(wrapper))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         wrapper = _find_wrapper(self.model)

@@ -163,18 +163,27 @@ def reference_divergence(student_logits, teacher_logits, *, kind="forward_kl", t
     return rows * temperature ** 2
 
 
-def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse", *, beta: float = 1.0,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean feature-matching loss; `mask` (broadcastable to the leading dims) restricts and normalises it."""
+FEATURE_DISTANCES = ("mse", "smooth_l1", "cosine")
+
+
+def feature_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse", *,
+                     beta: float = 1.0) -> torch.Tensor:
+    """Per-vector distance over the last dimension (the teacher detached): mean squared error, mean SmoothL1
+    (`beta`), or 1 - cosine. Shape: the inputs' leading dims."""
     teacher = teacher.detach().to(student.dtype)
     if kind == "mse":
-        per = (student - teacher).pow(2).mean(-1)
-    elif kind == "smooth_l1":
-        per = F.smooth_l1_loss(student, teacher, reduction="none", beta=beta).mean(-1)
-    elif kind == "cosine":
-        per = 1.0 - F.cosine_similarity(student, teacher, dim=-1)
-    else:
-        raise ValueError(f"unknown feature loss {kind!r}; choose one of ['mse', 'smooth_l1', 'cosine']")
+        return (student - teacher).pow(2).mean(-1)
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(student, teacher, reduction="none", beta=beta).mean(-1)
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(student, teacher, dim=-1)
+    raise ValueError(f"unknown feature distance {kind!r}; choose one of {list(FEATURE_DISTANCES)}")
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "mse", *, beta: float = 1.0,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean `feature_distance`; `mask` (broadcastable to the leading dims) restricts and normalises it."""
+    per = feature_distance(student, teacher, kind, beta=beta)
     if mask is None:
         return per.mean()
     mask = mask.to(per.dtype)

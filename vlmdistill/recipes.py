@@ -335,6 +335,10 @@ def training_arguments(recipe: Recipe):
     sharding = recipe.distributed.training_arguments()
     if "deepspeed" in sharding:
         defaults.pop("use_cpu")  # DeepSpeed picks its own accelerator (its CPU one without a GPU)
+        if not _cuda_available():  # accelerate would count one process where DeepSpeed has them all
+            from .zero3 import cpu_accelerator_state
+
+            defaults["accelerator_config"] = cpu_accelerator_state()
     if recipe.eval_data is not None:  # evaluate at every checkpoint; the loss only, never gathered logits
         defaults.update(eval_strategy="steps", eval_steps=training.get("save_steps", 100), prediction_loss_only=True)
     try:

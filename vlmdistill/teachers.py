@@ -97,8 +97,12 @@ class EMATeacher:
     def __init__(self, student: nn.Module, *, buffers: str = "copy") -> None:
         if buffers not in ("copy", "ema"):
             raise ValueError(f"buffers must be 'copy' or 'ema', got {buffers!r}")
-        from .distributed import is_sharded
+        from .distributed import is_sharded, is_zero3
 
+        if any(is_zero3(p) for p in student.parameters()):
+            raise ValueError("EMATeacher copies the student, but it is already partitioned by DeepSpeed ZeRO-3. "
+                             "transformers builds models partitioned (zero.Init) once TrainingArguments(deepspeed=...) "
+                             "with ZeRO-3 exist: build and wrap the student before creating the TrainingArguments")
         if is_sharded(student):
             raise ValueError("EMATeacher copies the student, but it is already sharded (FSDP2 / ZeRO-3): build the "
                              "wrapper with vlmdistill.wrap() before sharding it (accelerate and vlmdistill.shard do)")

@@ -33,6 +33,48 @@ def zero3_config(*, offload: bool = False, **overrides: Any) -> dict[str, Any]:
     return _merged(config, overrides)
 
 
+def cpu_accelerator_state() -> dict[str, Any]:
+    """The `accelerator_config` for `TrainingArguments(deepspeed=...)` on a machine without GPUs (DeepSpeed's CPU
+    accelerator, gloo), launched with `torchrun` / `accelerate launch`. Call it on every rank before each
+    `TrainingArguments`: `TrainingArguments(..., deepspeed=zero3_config(), accelerator_config=cpu_accelerator_state())`.
+
+    Without it the Trainer and DeepSpeed disagree on the world size before training starts ("train_batch_size
+    is not equal to micro_batch_per_gpu * gradient_acc_step * world_size"): without a GPU, accelerate's
+    `PartialState` picks no communication backend, so it counts the DeepSpeed run as one process while DeepSpeed's
+    process group has them all, and the Trainer fills the batch sizes from accelerate's count. Here the process
+    group is created with gloo and accelerate's state is built on it (DeepSpeed, every process counted); the
+    Trainer then uses that state (`use_configured_state`). Each call starts a fresh accelerator state on the same
+    process group, as `TrainingArguments` does itself. In one process (no launcher) there is nothing to fix: `{}`."""
+    import os
+
+    import torch.distributed as dist
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    from .extras import require
+
+    if "LOCAL_RANK" not in os.environ:
+        return {}
+    if not dist.is_initialized():
+        require("deepspeed", "ZeRO-3").init_distributed(dist_backend="gloo")
+    AcceleratorState._reset_state(reset_partial_state=False)
+    flag = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read by PartialState, as TrainingArguments sets it
+    try:
+        state = PartialState(backend=dist.get_backend())
+    finally:
+        if flag is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = flag
+    if state.distributed_type != DistributedType.DEEPSPEED or state.num_processes != dist.get_world_size():
+        raise ConfigError(f"accelerate's process state was created before (as {state.distributed_type.value} with "
+                          f"{state.num_processes} of {dist.get_world_size()} processes); call "
+                          "cpu_accelerator_state() before anything creates an Accelerator or PartialState")
+    return {"use_configured_state": True}
+
+
 def _merged(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 
@@ -28,6 +27,8 @@ from vlmdistill.eval.ctc_recognizer import CTCRecognizer
 from vlmdistill.plugins.ccd import ccd_vit
 from vlmdistill.plugins.ccd import plugin as ccd_plugin
 from vlmdistill.data.rendered_words import render_words, to_pixel_values
+
+from .output import add_out_argument, write_results
 
 MASK_PIPELINE = ("pseudo_text_masks", "character_slots", "warp_masks", "slot_token_weights")
 VIEWS = ("make_views",)
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seg-hidden", type=int, default=128, help="segmentation head channels (config default)")
     parser.add_argument("--seg-map", type=int, default=64, help="per-block map channels (config default)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -140,18 +141,18 @@ def main(argv: list[str] | None = None) -> int:
         "views_s": views_s, "views_fraction": views_s / ccd_s,
         "paired_characters_per_image": statistics.mean(chars),
     }
-    print(f"\nCCD-ViT-{args.size}, batch {args.batch}, {args.out_dim} prototypes, segmentation head "
-          f"{args.seg_hidden}/{args.seg_map} channels, {args.threads} threads (median of {args.steps} steps)")
-    print(f"  CCD step         {ccd_s:8.2f} s")
-    print(f"  supervised step  {sup_s:8.2f} s")
-    print(f"  ratio            {result['ratio']:8.2f} x   (fastest steps: {min(ccd_times):.2f} s / "
-          f"{min(sup_times):.2f} s = {result['ratio_best']:.2f} x)")
-    print(f"  mask pipeline    {pipe_s:8.3f} s  = {100 * result['mask_pipeline_fraction']:.1f}% of the CCD step "
-          "(k-means + connected components + warps + token weights; target < 20%)")
-    print(f"  view sampling    {views_s:8.3f} s  = {100 * result['views_fraction']:.1f}% of the CCD step")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    text = "\n".join([
+        f"CCD-ViT-{args.size}, batch {args.batch}, {args.out_dim} prototypes, segmentation head "
+        f"{args.seg_hidden}/{args.seg_map} channels, {args.threads} threads (median of {args.steps} steps)",
+        f"  CCD step         {ccd_s:8.2f} s",
+        f"  supervised step  {sup_s:8.2f} s",
+        f"  ratio            {result['ratio']:8.2f} x   (fastest steps: {min(ccd_times):.2f} s / "
+        f"{min(sup_times):.2f} s = {result['ratio_best']:.2f} x)",
+        f"  mask pipeline    {pipe_s:8.3f} s  = {100 * result['mask_pipeline_fraction']:.1f}% of the CCD step "
+        "(k-means + connected components + warps + token weights; target < 20%)",
+        f"  view sampling    {views_s:8.3f} s  = {100 * result['views_fraction']:.1f}% of the CCD step"])
+    print("\n" + text)
+    write_results(args.out, result, text)
     return 0
 
 

@@ -1,7 +1,7 @@
 """DC-CLIP speed: stage-1 step time with the teacher-feature cache vs with the live teacher, and the
 webdataset loader's throughput vs the training step's.
 
-    python -m vlmdistill.eval.bench.bench_dcclip [--steps 20] [--batch 64] [--threads 1] [--json out.json]
+    python -m vlmdistill.eval.bench.bench_dcclip [--steps 20] [--batch 64] [--threads 1] [--out DIR]
 
 Both stage-1 variants train the same student on the same batches; they run interleaved (live, cached,
 live, cached, ...) so that a busy machine slows both alike, and the medians are compared. The loader
@@ -13,7 +13,6 @@ keeps up with the cached stage-1 step (the fastest step there is: no teacher for
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -22,6 +21,8 @@ import time
 import torch
 
 import vlmdistill
+
+from .output import add_out_argument, write_results
 
 TEACHER = dict(hidden=128, layers=4, heads=4, patch=4, projection=64)  # 8x8 patch grid at 32 px
 STUDENT = dict(hidden=48, layers=2, heads=2, patch=8, projection=32)   # 4x4 patch grid
@@ -174,13 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--json", default=None, help="also write the numbers to this file")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     result = run(args.steps, args.batch, threads=args.threads)
-    print(report(result))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    text = report(result)
+    print(text)
+    write_results(args.out, result, text)
     return 0
 
 

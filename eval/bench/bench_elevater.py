@@ -34,6 +34,8 @@ from vlmdistill.eval.elevater.demo import DIGIT_NAMES, build_tiny_clip, digits_i
 from vlmdistill.eval.elevater.protocol import elevater_transform
 from vlmdistill.eval.elevater.runner import extract_image_features, image_transform, make_loader
 
+from .output import add_out_argument, write_results
+
 
 class BareZipImages(Dataset):
     """The baseline's own reader: parse the index, read zip members, decode with PIL."""
@@ -80,7 +82,7 @@ def build_model(name: str | None, device: str):
     return model.to(device).eval(), tokenizer, label
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -89,7 +91,8 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default=None, help="open_clip architecture (default: the tiny demo model)")
-    args = parser.parse_args()
+    add_out_argument(parser)
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -102,7 +105,15 @@ def main() -> None:
     index = write_iris(workdir, [images[i] for i in picks], [(int(labels[i]),) for i in picks], DIGIT_NAMES["en"])
     data = read_dataset(workdir)
     protocol = get_protocol("elevater")
-    print(f"model: {label}; {args.images} images, batch {args.batch_size}, device {args.device}, "
+    lines = []
+
+    def say(line: str) -> None:  # printed, and kept for results.md
+        lines.append(line)
+        print(line)
+
+    numbers = {"model": label, "images": args.images, "batch_size": args.batch_size, "device": args.device,
+               "torch_threads": torch.get_num_threads(), "extraction": {}, "cache": []}
+    say(f"model: {label}; {args.images} images, batch {args.batch_size}, device {args.device}, "
           f"workers {args.num_workers}, torch threads {torch.get_num_threads()}")
 
     bare_transform = elevater_transform(size, adapter.mean, adapter.std)
@@ -130,7 +141,10 @@ def main() -> None:
         for statistic, reduce in (("best", min), ("median", median)):
             bare_time, harness_time = reduce(table["bare"]), reduce(table["harness"])
             ratio = harness_time / bare_time
-            print(f"feature extraction, {clock} {statistic:>6} of {args.rounds}: bare {args.images / bare_time:8.1f} "
+            numbers["extraction"][f"{clock} {statistic}"] = {"bare_img_s": args.images / bare_time,
+                                                             "harness_img_s": args.images / harness_time,
+                                                             "ratio": ratio}
+            say(f"feature extraction, {clock} {statistic:>6} of {args.rounds}: bare {args.images / bare_time:8.1f} "
                   f"img/s   harness {args.images / harness_time:8.1f} img/s   ratio harness/bare = {ratio:.3f} "
                   f"({'within' if ratio <= 1.10 else 'OVER'} the 1.10 target)")
 
@@ -144,12 +158,16 @@ def main() -> None:
         result = evaluate_zero_shot(adapter, digits_task("en"), data, protocol, batch_size=args.batch_size,
                                     device=args.device, cache_dir=cache, progress=False)
         timings.append(result["runtime_s"])
-        print(f"{run}: text-tower forward calls {text_calls['n'] - before:3d}, cache hit "
+        numbers["cache"].append({"run": run, "text_forward_calls": text_calls["n"] - before,
+                                 "cache_hit": result["classifier"]["cache_hit"], "runtime_s": result["runtime_s"]})
+        say(f"{run}: text-tower forward calls {text_calls['n'] - before:3d}, cache hit "
               f"{result['classifier']['cache_hit']}, text {result['runtime_s']['text']:.3f}s, "
               f"total {result['runtime_s']['total']:.2f}s")
     handle.remove()
     shutil.rmtree(workdir, ignore_errors=True)
+    write_results(args.out, numbers, "\n".join(lines))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -19,13 +19,13 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 from typing import Any
 
 import torch
 
 from . import floor as flops
+from .output import add_out_argument, write_results
 from .steps import (Arm, autocast, compile_layers, cuda_peak_lines, cuda_step_peak, measure_rss, ratio_text,
                     rss_in_subprocess, time_interleaved, weight_bytes)
 
@@ -229,7 +229,7 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="compile the decoder / encoder layers (student, its plain copy, teacher)")
     parser.add_argument("--compile-backend", default="inductor")
-    parser.add_argument("--json", help="also write the result here")
+    add_out_argument(parser)
     parser.add_argument("--memory-arm", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -248,11 +248,9 @@ def main(argv=None) -> int:
     if device.type == "cpu" and args.memory:
         child = [a for a in argv if a != "--memory"]
         r["rss"] = {arm: rss_in_subprocess(MODULE, child, arm) for arm in ("plain", "kd")}
-    print(report(r, args))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(r, fh, indent=2)
+    text = report(r, args)
+    print(text)
+    write_results(args.out, r, text)
     return 0
 
 

@@ -26,7 +26,6 @@ Methods
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -41,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from vlmdistill.kernels import two_source_attention, two_source_attention_reference
+
+from vlmdistill.eval.bench.output import add_out_argument, write_results
 
 TARGETS = {"speedup_vs_a_merge_sdpa_at_4096": 1.5, "speedup_vs_b_two_sdpa": 1.0,
            "fused_fraction_of_matmul_rate_at_8192": 0.5}
@@ -599,8 +600,6 @@ def _timing_lines(result: dict) -> list[str]:
 
 
 def write_report(out_dir: Path, result: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
     env = result["environment"]
     lines = ["# Two-source attention benchmark", "",
              f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, flash-attn installed: "
@@ -620,12 +619,12 @@ def write_report(out_dir: Path, result: dict) -> None:
         for name, t in result["targets"].items():
             measured = t["measured"] if isinstance(t["measured"], bool) else f"{t['measured']:.3f}"
             lines.append(f"| {name} | >= {t['target']} | {measured} | {'yes' if t['met'] else 'no'} |")
-    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    write_results(out_dir, result, "\n".join(lines))
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Fused two-source attention vs PyTorch baselines.")
-    p.add_argument("--out", required=True, type=Path, help="directory for results.json and results.md")
+    add_out_argument(p, required=True)
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     p.add_argument("--visual-min", type=int, default=65)
     p.add_argument("--visual-max", type=int, default=1105)

@@ -25,13 +25,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from typing import Any
 
 import torch
 
 from . import floor as flops
+from .output import add_out_argument, write_results
 from .steps import (Arm, autocast, compile_layers, cuda_peak_lines, cuda_step_peak, measure_rss, ratio_text,
                     rss_in_subprocess, time_interleaved, weight_bytes)
 
@@ -404,7 +404,7 @@ def parse_args(argv):
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"], help="two-source attention "
                    "of the compiled arm")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-RSS subprocesses")
-    p.add_argument("--out", default=None, help="folder for bench_lingudistill.{json,md}")
+    add_out_argument(p)
     p.add_argument("--memory-arm", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.arms and (args.arms[0] != "plain" or set(args.arms[1:]) - set(ARMS)):
@@ -428,12 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         result["rss"] = {arm: rss_in_subprocess(MODULE, child, arm) for arm in arms}
     text = report(result, args)
     print(text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_lingudistill.json"), "w") as fh:
-            json.dump(result, fh, indent=2)
-        with open(os.path.join(args.out, "bench_lingudistill.md"), "w") as fh:
-            fh.write(text + "\n")
+    write_results(args.out, result, text)
     return 0
 
 

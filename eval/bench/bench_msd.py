@@ -18,7 +18,6 @@ Timings alternate between the variants so that machine noise hits them alike; me
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -26,6 +25,8 @@ import torch
 from torch import nn
 
 from vlmdistill.teachers import EMATeacher
+
+from .output import add_out_argument, write_results
 
 
 # ----------------------------------------------------------------------------- 1. EMA update
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--accumulation", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--queue", type=int, default=4096)
-    parser.add_argument("--json", default=None, help="also write the results here")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,24 +203,28 @@ def main(argv: list[str] | None = None) -> int:
     results = {"device": args.device, "torch_threads": torch.get_num_threads(),
                "ema": bench_ema(args.device, args.repeats, args.quick), "steps": []}
     ema = results["ema"]
-    print(f"EMA update, {ema['parameters'] / 1e6:.1f}M parameters in {ema['tensors']} tensors ({args.device}):")
+    lines = []
+
+    def say(line: str) -> None:  # printed, and kept for results.md
+        lines.append(line)
+        print(line)
+
+    say(f"EMA update, {ema['parameters'] / 1e6:.1f}M parameters in {ema['tensors']} tensors ({args.device}):")
     for name, ms in ema["median_ms"].items():
-        print(f"  {name:34s} {ms:9.2f} ms")
-    print(f"  fused speed-up: {ema['speedup_vs_albef_loop']:.2f}x vs ALBEF loop, "
-          f"{ema['speedup_vs_inplace_loop']:.2f}x vs in-place loop (target >= 3x)")
+        say(f"  {name:34s} {ms:9.2f} ms")
+    say(f"  fused speed-up: {ema['speedup_vs_albef_loop']:.2f}x vs ALBEF loop, "
+        f"{ema['speedup_vs_inplace_loop']:.2f}x vs in-place loop (target >= 3x)")
     for accumulation in args.accumulation:
         step_args = argparse.Namespace(**{**vars(args), "accumulation": accumulation})
         step = bench_step(step_args)
         results["steps"].append(step)
-        print(f"Step per micro-batch of {step['micro_batch']} (M = {accumulation}, K = {step['queue']}, "
-              f"{step['parameters'] / 1e6:.1f}M-parameter CLIP): plain {step['plain_ms_per_micro_batch']:.1f} ms, "
-              f"msd {step['msd_ms_per_micro_batch']:.1f} ms, ratio {step['ratio']:.2f}x (target <= 1.4x)")
+        say(f"Step per micro-batch of {step['micro_batch']} (M = {accumulation}, K = {step['queue']}, "
+            f"{step['parameters'] / 1e6:.1f}M-parameter CLIP): plain {step['plain_ms_per_micro_batch']:.1f} ms, "
+            f"msd {step['msd_ms_per_micro_batch']:.1f} ms, ratio {step['ratio']:.2f}x (target <= 1.4x)")
         if "allocator_peak_mb" in step:
-            print("  tensor memory of one optimizer step (MB above start): " +
-                  ", ".join(f"{k} {v:.1f}" for k, v in step["allocator_peak_mb"].items()))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2)
+            say("  tensor memory of one optimizer step (MB above start): " +
+                ", ".join(f"{k} {v:.1f}" for k, v in step["allocator_peak_mb"].items()))
+    write_results(args.out, results, "\n".join(lines))
     return 0
 
 

@@ -11,17 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def distance(student: torch.Tensor, teacher: torch.Tensor, kind: str, beta: float = 1.0) -> torch.Tensor:
-    """Per-vector distance over the last dimension: mean SmoothL1 / mean squared error / 1 - cosine."""
-    teacher = teacher.detach().to(student.dtype)
-    if kind == "smooth_l1":
-        return F.smooth_l1_loss(student, teacher, reduction="none", beta=beta).mean(-1)
-    if kind == "mse":
-        return (student - teacher).pow(2).mean(-1)
-    if kind == "cosine":
-        return 1.0 - F.cosine_similarity(student, teacher, dim=-1)
-    raise ValueError(f"unknown distance {kind!r}; choose one of ['smooth_l1', 'mse', 'cosine']")
+from vlmdistill.losses import feature_distance
 
 
 def adapt_map(student_map: torch.Tensor, adapter: nn.Module) -> torch.Tensor:
@@ -52,7 +42,7 @@ def image_map_loss(student_map: torch.Tensor, teacher_map: torch.Tensor, adapter
     s, t = align_maps(adapted, teacher_map.to(adapted.device), align, mode)
     s = s.flatten(2).transpose(1, 2)  # [B, hw, C]
     t = t.flatten(2).transpose(1, 2)
-    return distance(s, t, kind, beta).mean(dim=1)
+    return feature_distance(s, t, kind, beta=beta).mean(dim=1)
 
 
 def text_token_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, mask: torch.Tensor,
@@ -64,7 +54,7 @@ def text_token_loss(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, 
     s = adapter(student_tokens[:, :length])
     t = teacher_tokens[:, :length].to(s.device)
     m = mask[:, :length].to(s.device, s.dtype)
-    per_token = distance(s, t, kind, beta) * m
+    per_token = feature_distance(s, t, kind, beta=beta) * m
     if normalisation == "per_token":
         return (per_token.sum() / m.sum().clamp_min(1.0)).reshape(1)
     if normalisation != "per_sample":
@@ -77,7 +67,7 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, adapter: nn.Mod
     """Per-sample `[B]` distance between (adapted) student and teacher embeddings."""
     if adapter is not None:
         student = adapter(student)
-    return distance(student, teacher.to(student.device), kind, beta)
+    return feature_distance(student, teacher.to(student.device), kind, beta=beta)
 
 
 # ------------------------------------------------------------------------ stage 2

@@ -14,7 +14,6 @@ Irawan et al., "LinguDistill", arXiv 2604.00829.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any
 
@@ -35,7 +34,7 @@ from .config import LinguDistillConfig
 from .families import text_decoder, visual_token_ids
 from vlmdistill.losses import auto_chunk_rows, supervised_rows, task_and_distill_sums
 from .layout import build_layout, distilled_rows, document_ids, prompt_mask
-from .loss import kd_sum, task_ce_sums
+from .losses import kd_sum, task_ce_sums
 from .selection import sample_kd_mask
 from .teacher_lm import TeacherLM
 
@@ -137,21 +136,13 @@ class LinguDistillPlugin(DistillationPlugin):
 
     @staticmethod
     def _check_triton(text_config, teacher_lm: TeacherLM) -> None:
+        from vlmdistill.kernels import triton_refusal
         from vlmdistill.teachers import module_device
 
-        from .two_source import fused_kernel
-
-        if fused_kernel() is None:
-            raise ConfigError("kernel='triton' needs vlmdistill.kernels (the fused two-source attention kernel)")
-        from vlmdistill.kernels import KERNEL_HEAD_DIMS, triton_can_run
-
-        device = module_device(teacher_lm.decoder)
-        if not triton_can_run(device):
-            raise ConfigError(f"kernel='triton': the teacher is on {device}; the Triton kernel needs CUDA (or "
-                              "TRITON_INTERPRET=1 on the CPU). Use kernel='auto' to fall back to torch")
-        if head_dim(text_config) not in KERNEL_HEAD_DIMS:
-            raise ConfigError(f"kernel='triton' supports head_dim in {KERNEL_HEAD_DIMS}; this model has "
-                              f"{head_dim(text_config)}. Use kernel='auto' or 'torch'")
+        # The dispatcher's own policy (head dims up to 128 run zero-padded); the dtype is known only per call
+        refusal = triton_refusal(head_dim(text_config), None, module_device(teacher_lm.decoder))
+        if refusal:
+            raise ConfigError(f"kernel='triton': {refusal}. Use kernel='auto' to fall back to torch")
 
     def attach(self, student: nn.Module, hooks) -> None:
         teacher_lm = self._teacher_lm
@@ -288,8 +279,8 @@ class LinguDistillPlugin(DistillationPlugin):
         return hidden[state.layout.distill_slot.to(hidden.device)]
 
     def _teacher_head(self, hidden_rows: torch.Tensor) -> torch.Tensor:
-        grad = contextlib.nullcontext() if not self.config.detach_shared_kv else torch.no_grad()
-        with grad, self._base_adapters_off():
+        # The head runs outside the teacher's forward, under the same context (adapters off for teacher='base')
+        with self.teacher_context(grad=not self.config.detach_shared_kv):
             return self._teacher_lm.logits(hidden_rows)
 
     @torch.no_grad()
@@ -310,13 +301,3 @@ class LinguDistillPlugin(DistillationPlugin):
         with self._teacher_lm.head_available():
             teacher = self._teacher_head(hidden)[:, :width]
         return {"student": logits[b, t, :width], "teacher": teacher, "rows": torch.stack((b, t), 1)}
-
-    @contextlib.contextmanager
-    def _base_adapters_off(self):
-        if self._teacher_is_student_base:
-            from vlmdistill.teachers import adapters_disabled
-
-            with adapters_disabled(self.teacher):
-                yield
-        else:
-            yield

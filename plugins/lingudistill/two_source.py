@@ -22,15 +22,6 @@ import torch.nn.functional as F
 from .layout import SequenceLayout
 
 
-def fused_kernel():
-    """`vlmdistill.kernels.two_source_attention`, or None where the kernels package is not installed."""
-    try:
-        from vlmdistill.kernels import two_source_attention
-    except ImportError:
-        return None
-    return two_source_attention
-
-
 #: queries per attention call: a block computes its keys' pairs in full, so its causal waste is ~ block² / 2
 QUERY_BLOCK = 128
 
@@ -192,23 +183,18 @@ def torch_two_source_attention(q, k_shared, v_shared, k_own, v_own, plan: Packed
     return _attend_blocks(q, k, v, plan, scale)
 
 
-def _kernel_fits(q: torch.Tensor) -> bool:
-    from vlmdistill.kernels import KERNEL_HEAD_DIMS
-
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] in KERNEL_HEAD_DIMS
-
-
 def two_source_attention(q, k_shared, v_shared, k_own, v_own, plan: PackedAttention, *, kernel: str, scale: float):
-    """'triton': the fused kernel; 'auto': the fused kernel on CUDA when dtype and head_dim fit, masked SDPA
-    otherwise; 'torch': masked SDPA. Returns `[1, Hq, Nq, D]`."""
-    fused = fused_kernel() if kernel != "torch" else None
-    if kernel == "triton" and fused is None:
-        raise RuntimeError("kernel='triton' needs vlmdistill.kernels, which is not installed")
-    if fused is not None and (kernel == "triton" or _kernel_fits(q)):
-        # One dtype for the kernel: under autocast RoPE leaves q and k in fp32 and v in the autocast dtype, and
-        # SDPA would run in the autocast dtype too
-        device = q.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    """The backend `vlmdistill.kernels.resolve_backend` chooses ('auto': the fused kernel on CUDA when dtype and
+    head_dim fit, masked SDPA otherwise). Returns `[1, Hq, Nq, D]`."""
+    from vlmdistill.kernels import resolve_backend
+
+    device = q.device.type
+    # One dtype for the kernel: under autocast RoPE leaves q and k in fp32 and v in the autocast dtype, and
+    # SDPA would run in the autocast dtype too
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    if resolve_backend(kernel, q.shape[-1], dtype, q.device) == "triton":
+        from vlmdistill.kernels import two_source_attention as fused
+
         q, k_shared, v_shared, k_own, v_own = (t.to(dtype) for t in (q, k_shared, v_shared, k_own, v_own))
         out, _ = fused(plan.unpack(q, "query"), plan.unpack(k_shared, "shared"), plan.unpack(v_shared, "shared"),
                        plan.unpack(k_own, "query"), plan.unpack(v_own, "query"), scale=scale, backend="triton",

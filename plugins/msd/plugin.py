@@ -26,7 +26,7 @@ from vlmdistill.teachers import EMATeacher, module_device
 
 from .config import TEMPERATURE_MAX, TEMPERATURE_MIN, MSDConfig
 from .embeddings import EmbeddingReader, embedding_width, model_logit_scale
-from .loss import momentum_contrastive_rows
+from .losses import momentum_contrastive_rows
 from .queue import KeyQueues
 from .window import AccumulationWindow
 

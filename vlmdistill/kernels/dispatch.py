@@ -6,6 +6,7 @@ The Triton module is imported lazily, on the first Triton call, so `import vlmdi
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from typing import Literal
 
@@ -42,30 +43,39 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-def _triton_refusal(shapes: Shapes, dtype: torch.dtype, device: torch.device) -> str | None:
+def triton_refusal(head_dim: int, dtype: torch.dtype | None, device: torch.device) -> str | None:
+    """Why the Triton kernel cannot run this problem, or None where it can. The one policy every caller uses
+    (the dispatcher and lingudistill's wrap-time check); `dtype=None` skips the dtype check (not known yet)."""
+    if importlib.util.find_spec("triton") is None:
+        return "the Triton kernel needs the triton package, which is not installed (it has Linux wheels only)"
     if not triton_can_run(device):
         return (f"the Triton kernel needs a CUDA device (or TRITON_INTERPRET=1 set before import on the CPU); "
                 f"got {device}")
-    if dtype not in KERNEL_DTYPES:
+    if dtype is not None and dtype not in KERNEL_DTYPES:
         return f"the Triton kernel supports float16, bfloat16 and float32 inputs; got {dtype}"
-    if not triton_supports_head_dim(shapes.head_dim):
-        return f"the Triton kernel supports head_dim up to {MAX_KERNEL_HEAD_DIM}; got {shapes.head_dim}"
+    if not triton_supports_head_dim(head_dim):
+        return f"the Triton kernel supports head_dim up to {MAX_KERNEL_HEAD_DIM}; got {head_dim}"
     return None
 
 
-def choose_backend(backend: str, shapes: Shapes, dtype: torch.dtype, device: torch.device) -> str:
+def resolve_backend(backend: str, head_dim: int, dtype: torch.dtype | None, device: torch.device) -> str:
     """"auto": Triton on CUDA when the problem fits the kernel, torch otherwise. An explicit "triton" that
     cannot run raises instead of falling back."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "torch":
         return "torch"
-    refusal = _triton_refusal(shapes, dtype, device)
+    refusal = triton_refusal(head_dim, dtype, device)
     if backend == "triton":
         if refusal:
             raise ValueError(refusal)
         return "triton"
     return "triton" if device.type == "cuda" and refusal is None else "torch"
+
+
+def choose_backend(backend: str, shapes: Shapes, dtype: torch.dtype, device: torch.device) -> str:
+    """`resolve_backend` for a checked problem."""
+    return resolve_backend(backend, shapes.head_dim, dtype, device)
 
 
 class _TwoSourceAttention(torch.autograd.Function):
