@@ -31,7 +31,7 @@ def main(plugin: str, out_path: str) -> None:
     model, optimizer = accelerator.prepare(wrapped, optimizer)
     assert isinstance(model, DistributedDataParallel), type(model)
     teacher = wrapped.teacher
-    if not wrapped.plugin._teacher_is_student_base:
+    if not wrapped.plugin.teacher_is_student_base:
         assert not isinstance(teacher, DistributedDataParallel)
         ddp_params = {p.data_ptr() for p in model.parameters()}
         assert not ddp_params & {p.data_ptr() for p in teacher.parameters()}, "teacher parameters under DDP"

@@ -82,7 +82,7 @@ def test_ema_update_matches_per_parameter_formula_and_handles_buffers():
             p.add_(torch.randn_like(p))
     student.train()
     student(torch.randn(16, 4))  # moves BatchNorm running stats
-    ema.update(student, momentum=0.9)
+    ema.update(momentum=0.9)
     s_state = student.state_dict()
     for key, value in ema.module.state_dict().items():
         if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
@@ -94,7 +94,7 @@ def test_ema_update_matches_per_parameter_formula_and_handles_buffers():
     averaged = EMATeacher(student, buffers="ema")
     old = averaged.module[1].running_mean.clone()
     student(torch.randn(16, 4))
-    averaged.update(student, momentum=0.5)
+    averaged.update(momentum=0.5)
     torch.testing.assert_close(averaged.module[1].running_mean, 0.5 * old + 0.5 * student[1].running_mean)
 
 

@@ -174,7 +174,7 @@ def test_peft_student_distils_from_its_own_base_weights(teacher_arg):
     params_before = {p.data_ptr() for p in peft_student.parameters()}
     wrapped = vlmdistill.wrap(peft_student, plugin="lingudistill", teacher=teacher_arg)
     plugin = wrapped.plugin
-    assert plugin._teacher_is_student_base and plugin.teacher is peft_student
+    assert plugin.teacher_is_student_base and plugin.teacher is peft_student
     # No second copy: every tensor the teacher reads is one of the student's own parameters.
     teacher_params = {p.data_ptr() for p in plugin._teacher_lm.decoder.parameters()}
     teacher_params |= {p.data_ptr() for p in plugin._teacher_lm.head.parameters()}

@@ -92,9 +92,9 @@ class EMAReads:
                                                for s in read)})
             return lerp(pairs, weight)
 
-        def recording_update(ema, student, momentum):
-            update(ema, student, momentum)
-            self.after.append(all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in student.parameters()
+        def recording_update(ema, momentum):
+            update(ema, momentum)
+            self.after.append(all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in ema.source.parameters()
                                   if not p.ds_persist))
 
         EMATeacher._lerp, EMATeacher.update = staticmethod(recording_lerp), recording_update

@@ -45,7 +45,8 @@ def wrap(model: nn.Module, plugin: str = "kd", teacher: Any = None, *, config: P
     adapters are disabled to act as its own teacher, or None for plugins that build their own.
     Config values come as keyword arguments or as `config=` (a dict or the plugin's config class);
     unknown keys are refused with the list of valid ones. Teacher/student compatibility is checked
-    here, before any training.
+    here, before any training (`plugin.check_compatibility`), then the plugin builds its training-only state
+    (`plugin.setup`) and attaches its hooks (`plugin.attach`).
 
     While wrapped, 0-dim parameters (CLIP's `logit_scale`) are 1-element tensors, which FSDP2 can shard;
     state dicts and exports keep their 0-dim shape, and `unwrap()` restores it.
@@ -65,11 +66,15 @@ def wrap(model: nn.Module, plugin: str = "kd", teacher: Any = None, *, config: P
     # Before the plugin looks at the student (and copies it, for EMA teachers): 0-dim parameters become
     # 1-element tensors, which FSDP2 can shard; state dicts keep the 0-dim shape.
     scalars = ScalarParameters().hold(model)
+    instance._student = model  # the plugin's unregistered reference (`plugin.student`)
     try:
         instance.resolve_teacher(model, teacher)
         if isinstance(instance.teacher, nn.Module) and instance.teacher is not model:
             scalars.hold(instance.teacher)  # a teacher may be sharded like the student
         instance.check_compatibility(model)
+        # Before the wrapper holds the plugin's 0-dim parameters and before attach() hooks the student (an EMA copy
+        # made afterwards would carry the hooks along)
+        instance.setup(model)
     except Exception:
         scalars.release()
         raise

@@ -39,20 +39,34 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+def gather_rows(local: torch.Tensor, *, differentiable: bool = False) -> tuple[torch.Tensor, int]:
     """All processes' `[n_r, ...]` rows concatenated in rank order, and this process's row offset.
-    Sizes may differ between processes (padded for the collective, trimmed after)."""
+    Sizes may differ between processes (a ragged last batch): the row counts are exchanged first and every rank
+    sends its rows padded to the largest count, since an all-gather of unequal shapes fails or hangs.
+    `differentiable`: the gradient of the result flows back to each rank's own rows (contrastive losses over the
+    global batch: each rank's gradient then holds every rank's contribution to its rows)."""
     rank, size = world()
     if size == 1:
         return local, 0
-    count = torch.tensor([local.shape[0]], device=local.device)
+    count = torch.tensor([local.shape[0]], device=local.device, dtype=torch.long)
     counts = [torch.zeros_like(count) for _ in range(size)]
     dist.all_gather(counts, count)
     counts = [int(c) for c in counts]
-    padded = local.new_zeros((max(counts),) + tuple(local.shape[1:]))
-    padded[:local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded)
+    longest = max(counts)
+    if local.shape[0] < longest:
+        local = torch.cat([local, local.new_zeros((longest - local.shape[0],) + tuple(local.shape[1:]))])
+    local = local.contiguous()
+    if differentiable:
+        import warnings
+
+        from torch.distributed.nn.functional import all_gather
+
+        with warnings.catch_warnings():  # deprecated in favour of functional collectives, still differentiable
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = all_gather(local)
+    else:
+        parts = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(parts, local)
     return torch.cat([p[:n] for p, n in zip(parts, counts)]), sum(counts[:rank])
 
 

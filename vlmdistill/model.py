@@ -380,7 +380,7 @@ def _any_process(flag: bool, device: torch.device) -> bool:
     """`flag` OR-ed over all processes (every rank must skip the same steps)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return flag
     if dist.get_backend() == "nccl" and device.type != "cuda":
         device = torch.device("cuda", torch.cuda.current_device())

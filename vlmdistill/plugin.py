@@ -2,10 +2,11 @@
 
 A plugin is an `nn.Module` that owns what is trainable only during distillation (projections,
 adapters, heads — registered normally, so the optimiser sees them) and keeps everything else
-(the teacher, EMA copies, queues) outside module registration. Its lifecycle, driven by
-`DistillationModel`:
+(the teacher, the student, EMA copies, queues) outside module registration. Its lifecycle, driven by
+`vlmdistill.wrap` and `DistillationModel`:
 
-    check_compatibility(student)     at wrap time, before anything is attached
+    check_compatibility(student)     at wrap time: checks only (raises on a mismatch), builds nothing
+    setup(student)                   builds the training-only state: heads, projections, EMA teachers, queues
     attach(student, hooks)           register hooks / attention functions
     forward(student, inputs, ...)    one training micro-batch -> DistillationResult
     on_step_end()                    once per optimizer step (EMA, schedules, queues, stages)
@@ -24,7 +25,7 @@ from torch import nn
 
 from .config import PluginConfig
 from .errors import ConfigError
-from .teachers import adapters_disabled, freeze, has_active_adapters, module_device, to_device
+from .teachers import EMATeacher, adapters_disabled, freeze, has_active_adapters, module_device, to_device
 
 
 @dataclasses.dataclass
@@ -111,6 +112,12 @@ class DistillationPlugin(nn.Module):
     #: under `DistillationTrainerMixin`, keep an accumulation window's micro-batches on the host (each moves to the
     #: device for its own forward), for plugins that see the whole window first (`on_accumulation_window`)
     window_on_host: ClassVar[bool] = False
+    #: attributes that hold modules by plain reference, never registered: absent from `parameters()`,
+    #: `state_dict()`, `named_modules()`, `.to()` / `.train()` and DDP/FSDP wrapping (a part of the student the plugin
+    #: reads, a helper object that holds modules). Assign them as usual (`self._decoder = decoder`). The teacher,
+    #: the student (`self.student`) and EMA teachers (`self.ema_teacher`) are held this way already.
+    unregistered: ClassVar[tuple[str, ...]] = ()
+    _core_unregistered: ClassVar[tuple[str, ...]] = ("_teacher", "_teacher_keep_alive", "_student")
 
     def __init__(self, config: PluginConfig, *, teacher: Any = None, **runtime: Any) -> None:
         super().__init__()
@@ -120,19 +127,59 @@ class DistillationPlugin(nn.Module):
         self.register_buffer("global_step", torch.zeros((), dtype=torch.long))
         self.hidden = HiddenState(self)
         self._teacher_is_student_base = False
-        self._set_teacher(teacher)
+        self._student: nn.Module | None = None  # set by wrap() before check_compatibility
+        self._ema_teachers: list[EMATeacher] = []
+        self.set_teacher(teacher)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._core_unregistered or name in self.unregistered:
+            object.__setattr__(self, name, value)  # a plain reference: nn.Module would register a module value
+        else:
+            super().__setattr__(name, value)
+
+    # ------------------------------------------------------------------ student
+    @property
+    def student(self) -> nn.Module | None:
+        """The student this plugin is attached to (set by `wrap()` before `check_compatibility`), as an unregistered
+        reference: the wrapper owns it. The same object after DDP/FSDP2/ZeRO-3 wrapping, whose parameters may then
+        be shards (see `vlmdistill.distributed`)."""
+        return self._student
 
     # ------------------------------------------------------------------ teacher
     @property
     def teacher(self) -> nn.Module | None:
-        return self.__dict__.get("_teacher")
+        return self._teacher
 
-    def _set_teacher(self, teacher: nn.Module | None) -> None:
-        # Plain attribute, not a registered submodule: absent from parameters(), state_dict(),
-        # named_modules(), .to()/.train() and DDP.
+    @property
+    def teacher_is_student_base(self) -> bool:
+        """teacher='base': the teacher is the student itself, run with its PEFT adapters disabled."""
+        return self._teacher_is_student_base
+
+    def set_teacher(self, teacher: nn.Module | None, *, keep_alive: Any = None) -> None:
+        """Hold `teacher` (frozen here: no gradients, eval mode) as the plugin's teacher, unregistered: absent from
+        parameters(), state_dict(), named_modules(), .to()/.train() and DDP. `keep_alive`: an object that must live as
+        long as the teacher is used (the DeepSpeed engine whose hooks gather a partitioned teacher)."""
         if isinstance(teacher, nn.Module):
             freeze(teacher)
-        object.__setattr__(self, "_teacher", teacher)
+        self._teacher = teacher
+        self._teacher_keep_alive = keep_alive
+        self._teacher_is_student_base = False
+
+    def release_teacher(self) -> None:
+        """Drop the teacher (e.g. once a stage that needs it is over) so its memory can be freed."""
+        self._teacher = None
+        self._teacher_keep_alive = None
+        self._teacher_is_student_base = False
+
+    def ema_teacher(self, source: nn.Module, *, buffers: str = "copy") -> EMATeacher:
+        """A momentum teacher: a frozen copy of `source` (the student, or a plugin head) as it is now, moved by
+        `update(momentum)` in `on_step_end`. Call it in `setup()`, before the student is hooked or sharded. The
+        plugin keeps it on `source`'s device and, the first time it trains in a process group, equal to rank 0's
+        copy on every rank (`teacher_context` and `update` see to both); `shard_teacher` shards every EMA teacher.
+        Hold its `.module` with `set_teacher` when it is the teacher the plugin runs."""
+        ema = EMATeacher(source, buffers=buffers)
+        self._ema_teachers.append(ema)
+        return ema
 
     def resolve_teacher(self, student: nn.Module, teacher: Any) -> None:
         """Interpret wrap()'s `teacher=` argument. `"base"` = the student's weights with adapters off."""
@@ -142,8 +189,9 @@ class DistillationPlugin(nn.Module):
             if not has_active_adapters(student):
                 raise ConfigError("teacher='base' needs a student carrying PEFT adapters (e.g. LoRA); "
                                   f"{type(student).__name__} has none")
+            self.release_teacher()
+            self._teacher = student  # not frozen: it is the student
             self._teacher_is_student_base = True
-            object.__setattr__(self, "_teacher", student)
             return
         if teacher is None and self.teacher_policy == "required":
             raise ConfigError(f"plugin {self.name!r} needs a teacher: wrap(model, plugin={self.name!r}, teacher=...)")
@@ -152,17 +200,20 @@ class DistillationPlugin(nn.Module):
         if teacher is student:
             raise ConfigError("teacher is the student object itself; pass a separate (frozen) model, "
                               "or teacher='base' for a PEFT student")
-        self._set_teacher(teacher)
+        self.set_teacher(teacher)
 
     @contextlib.contextmanager
     def teacher_context(self, grad: bool = False) -> Iterator[nn.Module]:
         """The teacher in eval mode, without autograd; for teacher='base', the student with adapters off.
 
         `grad=True` keeps autograd on (the teacher's parameters stay frozen) for ablations whose loss must
-        flow *through* the teacher into student tensors it consumes."""
+        flow *through* the teacher into student tensors it consumes. EMA teachers are prepared first (see
+        `ema_teacher`): moved to their source's device and, in training, made equal across ranks."""
         teacher = self.teacher
         if teacher is None:
             raise RuntimeError(f"plugin {self.name!r} has no teacher")
+        for ema in self._ema_teachers:
+            ema.prepare(collective=self.training)  # evaluation forwards run no collective
         was_training = teacher.training
         teacher.eval()
         try:
@@ -184,7 +235,15 @@ class DistillationPlugin(nn.Module):
 
     # ---------------------------------------------------------------- lifecycle
     def check_compatibility(self, student: nn.Module) -> None:
-        """Raise `IncompatibleTeacherError` naming the mismatch. Called before attach()."""
+        """Raise `IncompatibleTeacherError` (or `UnsupportedModelError`, `ConfigError`) naming the mismatch. Checks
+        only: it may record what it found (a model spec, a vocabulary width) but builds no module, parameter, buffer
+        or EMA copy. Called by wrap() before setup()."""
+
+    def setup(self, student: nn.Module) -> None:
+        """Build the training-only state: heads and projections (assign them as usual: registered, so the
+        optimizer trains them and they are saved as plugin state), EMA teachers (`self.ema_teacher`), queues,
+        plugin parameters. Called once by wrap() after check_compatibility and before attach(), while the
+        student carries no hook and is not sharded yet."""
 
     def attach(self, student: nn.Module, hooks) -> None:
         """Register hooks through `hooks` (a HookManager: removed automatically on unwrap)."""
@@ -224,11 +283,12 @@ class DistillationPlugin(nn.Module):
         before the first of them is forwarded. Most plugins ignore it."""
 
     def shard_teacher(self, placement: str, **fsdp_kwargs: Any) -> None:
-        """Shard the teacher for FSDP2 (`vlmdistill.shard(model, teacher=placement)`: 'shard' or 'offload').
-        Plugins whose teacher is several modules (an EMA head beside an EMA backbone) shard each."""
+        """Shard the teacher for FSDP2 (`vlmdistill.shard(model, teacher=placement)`: 'shard' or 'offload'):
+        every EMA teacher (an EMA head beside an EMA backbone), else the teacher."""
         from .sharding import shard_teacher
 
-        shard_teacher(self.teacher, placement, **fsdp_kwargs)
+        for module in [ema.module for ema in self._ema_teachers] or [self.teacher]:
+            shard_teacher(module, placement, **fsdp_kwargs)
 
     # ------------------------------------------------------------- persistence
     def hidden_state(self) -> dict[str, torch.Tensor]:

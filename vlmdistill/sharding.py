@@ -101,7 +101,7 @@ def shard(wrapped: nn.Module, *, teacher: str = "replicate", **fsdp_kwargs: Any)
     if teacher != "replicate":
         if plugin.teacher is None:
             raise ConfigError(f"teacher={teacher!r}: plugin {plugin.name!r} has no teacher to place")
-        if plugin._teacher_is_student_base:
+        if plugin.teacher_is_student_base:
             raise ConfigError("teacher='base' is the student itself: it is sharded with the student; "
                               "use teacher='replicate'")
         plugin.shard_teacher(teacher, **{k: v for k, v in fsdp_kwargs.items() if k != "reshard_after_forward"})

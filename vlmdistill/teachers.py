@@ -73,57 +73,75 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 class EMATeacher:
     """An exponential-moving-average copy of a module (momentum teachers of MSD, CCD, DINO-style methods).
 
-    `EMATeacher(student)` deep-copies the student as it is at wrap time (unsharded; frozen, eval mode).
-    `update(student, momentum)`: θ_t ← m·θ_t + (1−m)·θ_s for parameters with fused multi-tensor ops; buffers are
-    copied (`buffers="copy"`, BatchNorm running stats follow the student) or averaged the same way
-    (`buffers="ema"`); integer buffers (e.g. `num_batches_tracked`) are always copied.
+    Plugins make one with `DistillationPlugin.ema_teacher(source)` in `setup()`, which also keeps it on the
+    student's device and equal on every rank. `EMATeacher(source)` deep-copies `source` as it is then (unsharded;
+    frozen, eval mode) and remembers it. `update(momentum)`: θ_t ← m·θ_t + (1−m)·θ_s for parameters with fused
+    multi-tensor ops; buffers are copied (`buffers="copy"`, BatchNorm running stats follow the student) or averaged
+    the same way (`buffers="ema"`); integer buffers (e.g. `num_batches_tracked`) are always copied.
 
-    The student may be sharded after the copy was made, and the teacher placed as the user likes; the update
+    The source may be sharded after the copy was made, and the teacher placed as the user likes; the update
     stays exact and leaves the teacher identical on every rank:
 
-    * teacher replicated, student FSDP2-sharded: each parameter's full value is all-gathered (one at a time);
-    * teacher FSDP2-sharded like the student (`vlmdistill.shard(model, teacher="shard")`): local shards only,
+    * teacher replicated, source FSDP2-sharded: each parameter's full value is all-gathered (one at a time);
+    * teacher FSDP2-sharded like the source (`vlmdistill.shard(model, teacher="shard")`): local shards only,
       no communication;
-    * student DeepSpeed ZeRO-3: its partitions are gathered a few parameters at a time (teacher replicated), or
+    * source DeepSpeed ZeRO-3: its partitions are gathered a few parameters at a time (teacher replicated), or
       lerped partition by partition when the teacher is partitioned too.
 
-    `follow(student)` moves an unsharded teacher to the student's device (`wrapped.to(device)` does not reach it:
-    teachers are not registered modules). `broadcast(src)` makes replicated copies equal to rank `src`'s.
+    `prepare()` (run by `update` and by the plugin's `teacher_context`) moves an unsharded teacher to the source's
+    device (`wrapped.to(device)` does not reach it: teachers are not registered modules) and, the first time it runs
+    in a process group, makes the replicated copies equal to rank 0's (processes may have built different students
+    before DDP broadcast rank 0's weights, and each copied its own).
     """
 
     #: elements of ZeRO-3 student parameters gathered at once during an update (bounds the temporary memory)
     gather_numel = 1 << 26
 
-    def __init__(self, student: nn.Module, *, buffers: str = "copy") -> None:
+    def __init__(self, source: nn.Module, *, buffers: str = "copy") -> None:
         if buffers not in ("copy", "ema"):
             raise ValueError(f"buffers must be 'copy' or 'ema', got {buffers!r}")
         from .distributed import is_sharded, is_zero3
 
-        if any(is_zero3(p) for p in student.parameters()):
+        if any(is_zero3(p) for p in source.parameters()):
             raise ValueError("EMATeacher copies the student, but it is already partitioned by DeepSpeed ZeRO-3. "
                              "transformers builds models partitioned (zero.Init) once TrainingArguments(deepspeed=...) "
                              "with ZeRO-3 exist: build and wrap the student before creating the TrainingArguments")
-        if is_sharded(student):
+        if is_sharded(source):
             raise ValueError("EMATeacher copies the student, but it is already sharded (FSDP2 / ZeRO-3): build the "
                              "wrapper with vlmdistill.wrap() before sharding it (accelerate and vlmdistill.shard do)")
         self.buffer_mode = buffers
-        self.module = freeze(copy.deepcopy(student))
+        self.source = source
+        self.module = freeze(copy.deepcopy(source))
+        self._synced = False  # made equal to rank 0's copy (once, in the first process group it meets)
 
-    def _pairs(self, student: nn.Module):
-        # Rebuilt every time: sharding replaces the student's parameter objects after the teacher was made.
+    def _pairs(self):
+        # Rebuilt every time: sharding replaces the source's parameter objects after the teacher was made.
         t_params = [p for _, p in self.module.named_parameters()]
-        s_params = [p for _, p in student.named_parameters()]
+        s_params = [p for _, p in self.source.named_parameters()]
         t_bufs = [b for _, b in self.module.named_buffers()]
-        s_bufs = [b for _, b in student.named_buffers()]
+        s_bufs = [b for _, b in self.source.named_buffers()]
         if len(t_params) != len(s_params) or len(t_bufs) != len(s_bufs):
             raise ValueError("EMA teacher and student no longer have the same parameters")
         return list(zip(t_params, s_params)), list(zip(t_bufs, s_bufs))
 
+    def prepare(self, *, collective: bool = True) -> None:
+        """Follow the source's device; with `collective`, take rank 0's values the first time a process group is
+        initialised (a collective then: every rank must call it). Without, no communication (evaluation)."""
+        self.follow()
+        if collective and not self._synced:
+            from .distributed import world_size
+
+            if world_size() > 1:
+                self.broadcast(src=0)
+                self._synced = True
+
     @torch.no_grad()
-    def update(self, student: nn.Module, momentum: float) -> None:
+    def update(self, momentum: float) -> None:
+        """One EMA step towards the source's current values (once per optimizer step, on every rank)."""
         from .distributed import gathered_parameters, is_zero3
 
-        params, bufs = self._pairs(student)
+        self.prepare()
+        params, bufs = self._pairs()
         weight = 1.0 - float(momentum)
         gathered = [(t, s) for t, s in params if is_zero3(s) and not is_zero3(t)]
         direct = [(t, s) for t, s in params if not (is_zero3(s) and not is_zero3(t))]
@@ -155,11 +173,11 @@ class EMATeacher:
         for ts, ss in groups.values():
             torch._foreach_lerp_(ts, ss, weight)
 
-    def follow(self, student: nn.Module) -> None:
-        """Move the (unsharded) teacher to the student's device."""
+    def follow(self) -> None:
+        """Move the (unsharded) teacher to the source's device."""
         from .distributed import is_sharded
 
-        device = module_device(student)
+        device = module_device(self.source)
         if not is_sharded(self.module) and module_device(self.module) != device:
             self.module.to(device)
 

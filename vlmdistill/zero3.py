@@ -96,12 +96,12 @@ def partition_teacher(wrapped: nn.Module, *, offload: bool = False, config: dict
     if plugin.teacher_policy == "none":
         raise ConfigError(f"plugin {plugin.name!r} updates its EMA teacher from the student after every step; under "
                           "ZeRO-3 keep it replicated (its updates gather the student's partitions)")
-    if plugin._teacher_is_student_base:
+    if plugin.teacher_is_student_base:
         raise ConfigError("teacher='base' is the student itself: it is partitioned with the student")
     zero: dict[str, Any] = {"stage": 3}
     if offload:
         zero["offload_param"] = {"device": "cpu"}
     settings = _merged({"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero}, config or {})
     engine, *_ = deepspeed.initialize(model=plugin.teacher, config=settings)
-    object.__setattr__(plugin, "_teacher_engine", engine)  # DeepSpeed's hooks live as long as the engine
+    plugin.set_teacher(plugin.teacher, keep_alive=engine)  # DeepSpeed's hooks live as long as the engine
     return engine

@@ -76,7 +76,7 @@ def bench_ema(device: str, repeats: int, quick: bool) -> dict:
         for t, s in zip(teacher_params, student_params):
             t.mul_(momentum).add_(s, alpha=1.0 - momentum)
 
-    variants = {"fused (EMATeacher.update)": lambda: ema.update(student, momentum),
+    variants = {"fused (EMATeacher.update)": lambda: ema.update(momentum),
                 "per-parameter loop, ALBEF style": albef_loop,
                 "per-parameter loop, in place": inplace_loop}
     times = {name: [] for name in variants}

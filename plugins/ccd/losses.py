@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from vlmdistill.distributed import all_reduce_sum
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -93,8 +94,7 @@ class TeacherCentre:
     @torch.no_grad()
     def update(self, momentum: float) -> None:
         total = torch.cat([self.pending_sum, self.pending_count.view(1)])
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
+        all_reduce_sum(total)
         count = float(total[-1])
         if count > 0:
             mean = (total[:-1] / count).to(self.value.dtype)

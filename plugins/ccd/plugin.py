@@ -71,21 +71,22 @@ class CCDPlugin(DistillationPlugin):
             raise UnsupportedModelError(f"seg_blocks {cfg.seg_blocks}: the student has only {spec.depth} blocks "
                                         f"(blocks {too_deep} do not exist)")
         self.spec = spec
+
+    def setup(self, student: nn.Module) -> None:
+        cfg, spec = self.config, self.spec
         device = module_device(student)
         # Heads stay in fp32 whatever the backbone dtype: 65k-way softmaxes at τ=0.04 need the range.
         self.seg_head = SegmentationHead(spec.width, len(cfg.seg_blocks), cfg.seg_hidden_channels,
                                          cfg.seg_map_channels, cfg.seg_groups).to(device)
         self.student_head = DINOHead(spec.width, cfg.out_dim, cfg.head_hidden_dim, cfg.bottleneck_dim,
                                      cfg.norm_last_layer).to(device)
+        self._ema_backbone = self.ema_teacher(student)
+        self._ema_head = self.ema_teacher(self.student_head)
+        self.set_teacher(self._ema_backbone.module)
+        self._centre = TeacherCentre(cfg.out_dim, device)
 
     def attach(self, student: nn.Module, hooks) -> None:
         spec = self.spec
-        # Copy before hooking: a deep copy made afterwards would carry the student's capture hooks along.
-        self._ema_backbone = EMATeacher(student)
-        self._ema_head = EMATeacher(self.student_head)
-        self._set_teacher(self._ema_backbone.module)
-        self._centre = TeacherCentre(self.config.out_dim, module_device(student))
-        object.__setattr__(self, "_student", student)  # for the EMA update; not a registered submodule
         block_paths = [spec.block_path(b) for b in self.config.seg_blocks]
         self._student_capture = ActivationCapture(student, [spec.final_norm, *block_paths], hooks, role="student")
         self._teacher_capture = ActivationCapture(self.teacher, [spec.final_norm], hooks, role="teacher")
@@ -100,7 +101,7 @@ class CCDPlugin(DistillationPlugin):
         pixels = inputs[key]
         b, _, h, w = pixels.shape
         grid = spec.grid((h, w))
-        self._follow_device()
+        self._centre.to(module_device(self.student_head))  # unregistered: `.to()` on the wrapper does not move it
         step = int(self.global_step)
         pseudo_phase = self._before(cfg.pseudo_mask_fraction)
 
@@ -116,7 +117,7 @@ class CCDPlugin(DistillationPlugin):
             output = student(**view_inputs)
         tokens = patch_tokens(feats[spec.final_norm], grid).float()
         block_tokens = [patch_tokens(feats[spec.block_path(i)], grid).float() for i in cfg.seg_blocks]
-        with full_precision(pixels.device):  # the heads stay fp32 under bf16 autocast (see check_compatibility)
+        with full_precision(pixels.device):  # the heads stay fp32 under bf16 autocast (see setup)
             seg_logits = self.seg_head(block_tokens, grid, (h, w))
         seg = segmentation_loss(seg_logits, torch.cat([pseudo, pseudo_irregular]))
 
@@ -186,18 +187,6 @@ class CCDPlugin(DistillationPlugin):
         mean, std = self._stats(images)
         return (images - mean) / std
 
-    def _follow_device(self) -> None:
-        """The EMA teacher lives outside module registration, so `.to()` on the wrapper does not move it."""
-        self._ema_backbone.follow(self._student)
-        self._ema_head.follow(self.student_head)
-        self._centre.to(module_device(self.student_head))
-
-    def shard_teacher(self, placement: str, **fsdp_kwargs: Any) -> None:
-        from vlmdistill.sharding import shard_teacher
-
-        shard_teacher(self._ema_backbone.module, placement, **fsdp_kwargs)
-        shard_teacher(self._ema_head.module, placement, **fsdp_kwargs)
-
     # ------------------------------------------------------------- schedules
     def on_train_begin(self, max_steps: int) -> None:
         self._trainer_steps = int(max_steps)
@@ -234,8 +223,8 @@ class CCDPlugin(DistillationPlugin):
             return
         cfg = self.config
         momentum = teacher_momentum(int(self.global_step) - 1, self.total_steps(), cfg.teacher_momentum)
-        self._ema_backbone.update(self._student, momentum)
-        self._ema_head.update(self.student_head, momentum)
+        self._ema_backbone.update(momentum)
+        self._ema_head.update(momentum)
         self._centre.update(cfg.center_momentum)
 
     def on_step_skipped(self) -> None:

@@ -7,10 +7,10 @@ k equal micro-batches (or DDP ranks) average to the loss of the whole batch.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from vlmdistill.distributed import gather_rows
 from vlmdistill.losses import feature_distance
 
 
@@ -72,34 +72,6 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, adapter: nn.Mod
 
 # ------------------------------------------------------------------------ stage 2
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows, in rank order, with gradient flowing back to each rank's own rows. Ranks may hold
-    different numbers of rows (a ragged last batch): the row counts are exchanged first and every rank sends
-    its rows padded to the largest count, since an all-gather of unequal shapes fails or hangs."""
-    world = _world()
-    if world == 1:
-        return x
-    import warnings
-
-    from torch.distributed.nn.functional import all_gather
-
-    count = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    longest = max(counts)
-    if x.shape[0] < longest:
-        x = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])])
-    with warnings.catch_warnings():  # deprecated in favour of functional collectives, still differentiable
-        warnings.simplefilter("ignore", FutureWarning)
-        parts = all_gather(x.contiguous())
-    return torch.cat([part[:n] for part, n in zip(parts, counts)], dim=0)
-
-
 def symmetric_info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, *,
                        max_scale: float = 100.0, gather: bool = True) -> torch.Tensor:
     """L = 1/2 (CE(s·I·Tᵀ, diag) + CE(s·T·Iᵀ, diag)) with s = exp(logit_scale) clamped at `max_scale`.
@@ -110,7 +82,7 @@ def symmetric_info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor, lo
     image = F.normalize(image_embeds.float(), dim=-1)
     text = F.normalize(text_embeds.float(), dim=-1)
     if gather:
-        image, text = gather_with_grad(image), gather_with_grad(text)
+        (image, _), (text, _) = gather_rows(image, differentiable=True), gather_rows(text, differentiable=True)
     scale = logit_scale.float().exp().clamp(max=max_scale)
     logits = scale * image @ text.T
     labels = torch.arange(logits.shape[0], device=logits.device)

@@ -62,7 +62,6 @@ class DCCLIPPlugin(DistillationPlugin):
         self._student_taps: ModelTaps | None = None
         self._teacher_taps: ModelTaps | None = None
         self._pooling_checked = self._teacher_pooling_checked = False  # first batch only
-        object.__setattr__(self, "_student", None)  # a plain attribute: never registered a second time
 
     # ------------------------------------------------------------------ wrap
     def check_compatibility(self, student: nn.Module) -> None:
@@ -70,10 +69,20 @@ class DCCLIPPlugin(DistillationPlugin):
         self.student_spec = describe_model(student, cfg.student_taps, role="student")
         check_eos_pooling(student, self.runtime.get("student_tokenizer"), "student")
         if cfg.stage == 1:
-            self._prepare_stage1(student)
-        self._prepare_logit_scale(student)
+            self._check_stage1()
+        if cfg.logit_scale == "student" and self.student_spec.logit_scale(student) is None:
+            raise UnsupportedModelError(f"dcclip: logit_scale='student' but the {self.student_spec.family} student "
+                                        "has no logit_scale parameter; use 'auto' or 'plugin'")
 
-    def _prepare_stage1(self, student: nn.Module) -> None:
+    def setup(self, student: nn.Module) -> None:
+        cfg = self.config
+        ref = next(student.parameters())
+        if cfg.stage == 1:
+            self._build_adapters(ref)
+        if cfg.logit_scale == "plugin" or self.student_spec.logit_scale(student) is None:
+            self.own_logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init), device=ref.device))
+
+    def _check_stage1(self) -> None:
         cfg = self.config
         s_tok, t_tok = self.runtime.get("student_tokenizer"), self.runtime.get("teacher_tokenizer")
         if self.teacher is not None:
@@ -99,6 +108,10 @@ class DCCLIPPlugin(DistillationPlugin):
             taps = self.teacher_spec.fingerprint_fields() if self.teacher_spec is not None else None
             self.cache.check(teacher_fingerprint=expected, taps=taps,
                              data_fingerprint=self.runtime.get("data_fingerprint"), needs=self._needed_features())
+
+    def _build_adapters(self, ref: torch.Tensor) -> None:
+        """Stage 1's training-only adapters from the student's widths to the teacher's, on `ref`'s device and dtype."""
+        cfg = self.config
         dims = self._teacher_dims()
         s = self.student_spec
         if cfg.image_weight > 0:
@@ -110,7 +123,6 @@ class DCCLIPPlugin(DistillationPlugin):
             # Equal widths need no adapter: the student then learns the teacher's embedding space itself.
             self.adapters["image_embed"] = nn.Linear(s.embed_dim, dims["embed_dim"], bias=False)
             self.adapters["text_embed"] = nn.Linear(s.embed_dim, dims["embed_dim"], bias=False)
-        ref = next(student.parameters())
         self.adapters.to(device=ref.device, dtype=ref.dtype)
 
     def _teacher_dims(self) -> dict[str, int | None]:
@@ -134,17 +146,6 @@ class DCCLIPPlugin(DistillationPlugin):
             needs |= {"image_embeds", "text_embeds"}
         return needs
 
-    def _prepare_logit_scale(self, student: nn.Module) -> None:
-        cfg = self.config
-        own = self.student_spec.logit_scale(student)
-        object.__setattr__(self, "_student", student)
-        if cfg.logit_scale == "student" and own is None:
-            raise UnsupportedModelError(f"dcclip: logit_scale='student' but the {self.student_spec.family} student "
-                                        "has no logit_scale parameter; use 'auto' or 'plugin'")
-        if cfg.logit_scale == "plugin" or own is None:
-            ref = next(student.parameters())
-            self.own_logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init), device=ref.device))
-
     def attach(self, student: nn.Module, hooks) -> None:
         self._student_taps = ModelTaps(student, self.student_spec, hooks, role="student")
         if self.teacher is not None and self.teacher_spec is not None:
@@ -164,7 +165,7 @@ class DCCLIPPlugin(DistillationPlugin):
         the fresh optimizer state of `vlmdistill.frozen`, so every trainable parameter has a state to checkpoint
         and a sharded checkpoint taken in either stage loads strictly. Read right before each optimizer step, after
         backward and any DDP / FSDP2 gradient reduction: a parameter no rank used has no gradient there."""
-        student = self._student.parameters() if self._student is not None else ()
+        student = self.student.parameters() if self.student is not None else ()
         # ZeRO-3 keeps every gradient in its partitions (`.grad` is always None there); the wrapper finds the
         # parameters without one itself (`vlmdistill.frozen`).
         return [p for p in (*self.parameters(), *student) if p.requires_grad and p.grad is None and not is_zero3(p)]
@@ -193,7 +194,7 @@ class DCCLIPPlugin(DistillationPlugin):
         replaces the student's parameter objects after wrap()."""
         if self.own_logit_scale is not None:
             return self.own_logit_scale
-        return self.student_spec.logit_scale(self._student) if self._student is not None else None
+        return self.student_spec.logit_scale(self.student) if self.student is not None else None
 
     def _stage2(self, student: nn.Module, inputs: dict[str, Any]):
         out = student(**inputs)
@@ -362,7 +363,7 @@ class DCCLIPPlugin(DistillationPlugin):
             logger.info("dcclip: stage 1 -> stage 2 after optimizer step %d", int(self.global_step))
             if self.config.release_teacher_at_switch:
                 self._teacher_taps = None
-                object.__setattr__(self, "_teacher", None)
+                self.release_teacher()
                 if self.cache is not None:  # stage 2 reads no teacher features
                     self.cache.close()
                     self.cache = None

@@ -39,6 +39,7 @@ class KDPlugin(DistillationPlugin):
         super().__init__(config, **runtime)
         self.shared_width: int | None = None
         self.projections = nn.ModuleDict()
+        self._feature_widths: list[tuple[int, int]] = []
         self._student_capture: ActivationCapture | None = None
         self._teacher_capture: ActivationCapture | None = None
 
@@ -50,6 +51,7 @@ class KDPlugin(DistillationPlugin):
             student_tokenizer=self.runtime.get("student_tokenizer"),
             teacher_tokenizer=self.runtime.get("teacher_tokenizer"),
             trust_prefix=self.config.trust_vocab_prefix)
+        self._feature_widths = []  # (student, teacher) output width of each feature pair
         for i, pair in enumerate(self.config.features):
             s_mod = get_submodule(student, pair.student, role="student")
             t_mod = get_submodule(teacher, pair.teacher, role="teacher")
@@ -59,6 +61,10 @@ class KDPlugin(DistillationPlugin):
                 raise UnsupportedModelError(
                     f"features[{i}]: cannot tell the output width of {pair.student!r} (student: {s_dim}) or "
                     f"{pair.teacher!r} (teacher: {t_dim}); set student_dim / teacher_dim")
+            self._feature_widths.append((s_dim, t_dim))
+
+    def setup(self, student: nn.Module) -> None:
+        for i, (s_dim, t_dim) in enumerate(self._feature_widths):
             if s_dim != t_dim:
                 # Training-only projection: lives in the plugin, never in the exported student.
                 self.projections[str(i)] = nn.Linear(s_dim, t_dim, bias=False)

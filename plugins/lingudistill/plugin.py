@@ -76,6 +76,8 @@ class LinguDistillPlugin(DistillationPlugin):
     runtime_args = ("student_tokenizer", "teacher_tokenizer", "student_processor")
     demo = "vlmdistill.eval.experiments.lingudistill:main"
     recipe_builders = "vlmdistill.eval.experiments.lingudistill_recipes"
+    #: the student's text decoder, a part of the student (registered and saved there, not a second time here)
+    unregistered = ("_student_decoder",)
 
     def __init__(self, config: LinguDistillConfig, **runtime: Any) -> None:
         super().__init__(config, **runtime)
@@ -85,8 +87,7 @@ class LinguDistillPlugin(DistillationPlugin):
         self._teacher_readable = 0
         self._window: int | None = None
         self._teacher_lm: TeacherLM | None = None
-        # Plain attributes: the student's decoder must not be registered (and saved) a second time in the plugin
-        object.__setattr__(self, "_student_decoder", None)
+        self._student_decoder: nn.Module | None = None
         self._attn_restore: list[tuple[nn.Module, dict]] = []
 
     # ------------------------------------------------------------------ wrap
@@ -97,14 +98,14 @@ class LinguDistillPlugin(DistillationPlugin):
 
     def check_compatibility(self, student: nn.Module) -> None:
         cfg = self.config
-        if self._teacher_is_student_base and not cfg.detach_shared_kv:
+        if self.teacher_is_student_base and not cfg.detach_shared_kv:
             raise ConfigError("detach_shared_kv=False needs a separate teacher: with teacher='base' the KD gradient "
                               "would run through the student's own (base) weights")
         decoder = text_decoder(student)
         s_config = decoder.config
         check_attention_features(s_config, "student")
         check_attention_implementation(s_config, "student")
-        teacher_lm = TeacherLM.build(self.teacher, is_student_base=self._teacher_is_student_base,
+        teacher_lm = TeacherLM.build(self.teacher, is_student_base=self.teacher_is_student_base,
                                      student_decoder=decoder)
         t_config = teacher_lm.decoder.config
         check_attention_features(t_config, "teacher")
@@ -132,7 +133,7 @@ class LinguDistillPlugin(DistillationPlugin):
         if cfg.kernel == "triton":
             self._check_triton(s_config, teacher_lm)
         self._teacher_lm = teacher_lm
-        object.__setattr__(self, "_student_decoder", decoder)
+        self._student_decoder = decoder
 
     @staticmethod
     def _check_triton(text_config, teacher_lm: TeacherLM) -> None:
@@ -151,7 +152,7 @@ class LinguDistillPlugin(DistillationPlugin):
         s_name = self.router.name_for(self._student_decoder.config._attn_implementation)
         self._attn_restore.append((s_inner, _attn_snapshot(s_inner.config)))
         s_inner.set_attn_implementation({s_text_key: s_name} if s_text_key else s_name)
-        if not self._teacher_is_student_base:
+        if not self.teacher_is_student_base:
             t_inner = base_model(teacher_lm.model)
             t_name = self.router.name_for(teacher_lm.decoder.config._attn_implementation)
             self._attn_restore.append((t_inner, _attn_snapshot(t_inner.config)))

@@ -55,10 +55,8 @@ class MSDPlugin(DistillationPlugin):
             # ALBEF learns tau itself (not its log) and clamps it to [0.001, 0.5].
             self.temp = nn.Parameter(torch.tensor(float(config.temperature)),
                                      requires_grad=config.learnable_temperature)
-        object.__setattr__(self, "_ema", None)        # plain attributes: never registered as submodules
-        object.__setattr__(self, "_student", None)
+        self._ema: EMATeacher | None = None
         self._window: AccumulationWindow | None = None
-        self._teacher_synced = False
         self._warned_queue_multiple = False
         self._student_reader: EmbeddingReader | None = None
         self._teacher_reader: EmbeddingReader | None = None
@@ -77,16 +75,16 @@ class MSDPlugin(DistillationPlugin):
         if cfg.temperature is None and model_logit_scale(student) is None:
             raise UnsupportedModelError(
                 f"{type(student).__name__} has no logit_scale; set temperature (e.g. 0.07) for a plugin-owned one")
+
+    def setup(self, student: nn.Module) -> None:
+        cfg = self.config
         width = embedding_width(student, cfg.image_embeds_module)
         if width is not None and cfg.queue_size:
             reference = next(student.parameters())  # keys are fp32, or fp64 for a fp64 model
             dtype = torch.float64 if reference.dtype == torch.float64 else torch.float32
             self.queues.allocate(width, dtype, reference.device)
-        # The teacher is copied before attach() so that it carries none of the plugin's hooks.
-        ema = EMATeacher(student, buffers=cfg.ema_buffers)
-        object.__setattr__(self, "_ema", ema)
-        object.__setattr__(self, "_student", student)
-        self._set_teacher(ema.module)
+        self._ema = self.ema_teacher(student, buffers=cfg.ema_buffers)
+        self.set_teacher(self._ema.module)
 
     def attach(self, student: nn.Module, hooks) -> None:
         cfg = self.config
@@ -107,7 +105,7 @@ class MSDPlugin(DistillationPlugin):
         """1 / temperature, with gradient to whichever parameter holds the temperature."""
         if self.config.temperature is not None:
             return 1.0 / self.temp
-        return model_logit_scale(self._student).exp()
+        return model_logit_scale(self.student).exp()
 
     @torch.no_grad()
     def _clamp_temperature(self) -> None:
@@ -115,19 +113,12 @@ class MSDPlugin(DistillationPlugin):
         if self.config.temperature is not None:
             param, low, high = self.temp, TEMPERATURE_MIN, TEMPERATURE_MAX
         else:
-            param = model_logit_scale(self._student)
+            param = model_logit_scale(self.student)
             low, high = math.log(1 / TEMPERATURE_MAX), math.log(1 / TEMPERATURE_MIN)
         with gathered_parameters([param], modify=True):
             param.clamp_(low, high)
 
     # --------------------------------------------------------------- teacher
-    def _sync_teacher_across_processes(self) -> None:
-        # Processes may have built different students before DDP broadcast rank 0's weights; the teachers were
-        # copied before that, so take rank 0's teacher once.
-        if not self._teacher_synced:
-            self._ema.broadcast(src=0)
-        self._teacher_synced = True
-
     def _teacher_keys(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         with self.teacher_context() as teacher:
             device = module_device(teacher)
@@ -136,9 +127,6 @@ class MSDPlugin(DistillationPlugin):
         return image, text
 
     def _build_window(self, batches, *, gather: bool, implicit: bool) -> AccumulationWindow:
-        self._ema.follow(self._student)  # wrapped.to(device) does not reach the unregistered teacher
-        if gather:
-            self._sync_teacher_across_processes()
         window = AccumulationWindow.build(batches, self._teacher_keys, self.config.micro_batch_size, gather=gather,
                                           implicit=implicit)
         if gather:
@@ -215,9 +203,7 @@ class MSDPlugin(DistillationPlugin):
 
     # -------------------------------------------------------------- per step
     def on_step_end(self) -> None:
-        student = self._student
-        self._ema.follow(student)
-        self._ema.update(student, self.config.momentum)
+        self._ema.update(self.config.momentum)
         window, self._window = self._window, None
         if window is not None and window.started:
             # After the loss: the keys of this step never meet themselves in the queue.
