@@ -20,11 +20,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from vlmdistill.data.image_stats import HALF_MEAN_STD, OPENAI_MEAN, OPENAI_STD
 from vlmdistill.errors import ConfigError, DataError, UnsupportedModelError
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-HALF_MEAN_STD = (0.5, 0.5, 0.5)
 HF_CLIP_FAMILY = ("clip", "altclip", "chinese_clip", "siglip", "siglip2")
 
 Tokenize = Callable[[Sequence[str]], Any]   # texts -> LongTensor or a mapping of tensors
