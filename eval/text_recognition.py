@@ -35,7 +35,7 @@ def evaluate_dataset(recogniser, dataset, batch_size: int = 256, device: str = "
 
 def evaluate(model_dir: str, data: list[str], batch_size: int = 256, device: str = "cpu") -> dict:
     from vlmdistill.data.text_lmdb import TextImageLMDB, find_text_lmdbs
-    from vlmdistill.plugins.ccd import CTCRecognizer
+    from vlmdistill.eval.ctc_recognizer import CTCRecognizer
 
     datasets = {}
     for root in data:   # every dataset is found and opened before the model is loaded
@@ -64,7 +64,7 @@ def markdown(report: dict) -> str:
 
 def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
-                        help="a recogniser saved by vlmdistill.plugins.ccd.CTCRecognizer.save_pretrained")
+                        help="a recogniser saved by vlmdistill.eval.ctc_recognizer.CTCRecognizer.save_pretrained")
     parser.add_argument("--data", required=True, nargs="+", metavar="PATH",
                         help="text-recognition LMDB folders, or roots with one LMDB per dataset below them")
     parser.add_argument("--batch-size", type=int, default=256)

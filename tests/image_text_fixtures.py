@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
 CAPTIONS = ["a photo of the digit {}.", "数字{}的照片。"]
@@ -44,7 +45,7 @@ def write_image_folder(folder, n: int = 8, *, fmt: str = "jsonl", subdir: str = 
 
 
 def caption_tokenizer():
-    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+    from vlmdistill.data.text import train_caption_tokenizer
 
     texts = [CAPTIONS[lang].format(name) for lang in range(2) for name in NAMES[lang]]
     return train_caption_tokenizer(texts, vocab_size=300)
@@ -53,7 +54,7 @@ def caption_tokenizer():
 def save_clip_folder(folder, tokenizer, *, family: str = "clip", image_size: int = 16, processor: bool = True,
                      seed: int = 0, **sizes) -> str:
     """A CLIP-family checkpoint folder: model, tokenizer and (optionally) its image processor."""
-    from vlmdistill.plugins.dcclip.testing import tiny_hf_clip
+    from vlmdistill.eval.tiny_models import tiny_hf_clip
 
     model = tiny_hf_clip(family, image_size=image_size, vocab=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, seed=seed, **sizes)
@@ -68,3 +69,17 @@ def save_clip_folder(folder, tokenizer, *, family: str = "clip", image_size: int
             CLIPImageProcessor(size={"shortest_edge": image_size},
                                crop_size={"height": image_size, "width": image_size}).save_pretrained(folder)
     return str(folder)
+
+
+def token_batch(n: int, length: int = 9, vocab: int = 64, *, seed: int = 0, eos: int = 3, bos: int = 2,
+                min_length: int = 4) -> dict[str, torch.Tensor]:
+    """Right-padded token ids (pad 0) for CLIP text towers, with bos/eos and varying lengths, and the mask."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(n, length, dtype=torch.long)
+    mask = torch.zeros(n, length, dtype=torch.long)
+    for i in range(n):
+        k = int(torch.randint(min_length, length + 1, (1,), generator=g))
+        ids[i, :k] = torch.randint(eos + 1, vocab, (k,), generator=g)
+        ids[i, 0], ids[i, k - 1] = bos, eos
+        mask[i, :k] = 1
+    return {"input_ids": ids, "attention_mask": mask}

@@ -8,7 +8,7 @@ import torch
 
 from vlmdistill.plugins.ccd.photometric import (ARITHMETIC, BLURS, COLOUR, CONTRAST, OPERATIONS, WEATHER,
                                                 Photometric, apply_photometric, sample_photometric)
-from vlmdistill.plugins.ccd.rendering import render_words
+from vlmdistill.data.rendered_words import render_words
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import torch
 
 import vlmdistill
 from vlmdistill.errors import UnsupportedModelError
-from vlmdistill.plugins.ccd import CCDViT, CTCRecognizer, ccd_vit, export_teacher_encoder, teacher_encoder
+from vlmdistill.eval.ctc_recognizer import CTCRecognizer
+from vlmdistill.plugins.ccd import CCDViT, ccd_vit, export_teacher_encoder, teacher_encoder
 from vlmdistill.plugins.ccd.losses import teacher_momentum
-from vlmdistill.plugins.ccd.rendering import render_words, to_pixel_values
+from vlmdistill.data.rendered_words import render_words, to_pixel_values
 
 TINY = dict(embed_dim=32, depth=3, num_heads=2, drop_path_rate=0.0)
 CONFIG = dict(seg_blocks=[1, 2, 3], seg_hidden_channels=16, seg_map_channels=8, seg_groups=4, out_dim=64,

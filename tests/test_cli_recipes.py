@@ -46,6 +46,29 @@ def _tiny_recipe(tmp_path, **training):
     return path
 
 
+def test_build_gives_the_models_and_data_of_a_recipe(tmp_path):
+    import torch
+
+    from vlmdistill.recipes import build
+
+    path = _tiny_recipe(tmp_path, max_steps=1)
+    held_out = ["eval_data.builder=text-blocks", f"eval_data.kwargs.tokenizer={tmp_path / 'tok'}",
+                f"eval_data.kwargs.files=[{tmp_path / 'corpus.txt'}]", "eval_data.kwargs.block=8"]
+    recipe = load_recipe(str(path), held_out)
+    built = build(recipe)
+    assert built.student.config.num_hidden_layers == 2 and built.teacher.config.num_hidden_layers == 3
+    assert built.train_dataset[0]["input_ids"].shape == (16,) and built.eval_dataset[0]["input_ids"].shape == (8,)
+    assert set(built.wrap_kwargs) <= set(vlmdistill.get_plugin("kd").runtime_args)
+    again = build(recipe, eval_data=False)  # seeded: the same models and data, no evaluation data
+    assert again.eval_dataset is None and again.eval_collator is None
+    for a, b in zip(built.student.state_dict().values(), again.student.state_dict().values()):
+        assert torch.equal(a, b)
+    model = vlmdistill.wrap(built.student, plugin=recipe.plugin, teacher=built.teacher, config=recipe.config,
+                            **built.wrap_kwargs)
+    out = model(**built.data_collator([built.train_dataset[i] for i in range(4)]))
+    assert torch.isfinite(out.loss) and "kd" in out.loss_terms
+
+
 def test_recipe_trains_exports_and_resumes(tmp_path):
     path = _tiny_recipe(tmp_path, max_steps=2)
     first = run_recipe(load_recipe(str(path)))

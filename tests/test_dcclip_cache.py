@@ -10,7 +10,8 @@ import torch
 import vlmdistill
 from vlmdistill.errors import DataError
 from vlmdistill.plugins.dcclip.cache import TeacherFeatureCache
-from vlmdistill.plugins.dcclip.testing import tiny_hf_clip, token_batch
+from vlmdistill.eval.tiny_models import tiny_hf_clip
+from image_text_fixtures import token_batch
 
 
 def _student():
@@ -194,7 +195,7 @@ def test_cache_records_the_teachers_tokenizer_and_refuses_another_student_tokeni
     """Without a teacher at wrap time the cache is the teacher: token-level text distillation from it needs the
     tokenizer its features were computed with."""
     from vlmdistill.errors import IncompatibleTeacherError
-    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+    from vlmdistill.data.text import train_caption_tokenizer
     from vlmdistill.vocab import tokenizer_identity
 
     teacher_tok = train_caption_tokenizer(["a photo of the digit one.", "数字一的照片。"], vocab_size=300)

@@ -11,7 +11,7 @@ from vlmdistill.data.image_text import decode_keys
 from vlmdistill.errors import DataError
 from vlmdistill.plugins.dcclip.data import (ClipImageTransform, ImageTextCollator, ImageTextSample, ImageTextShards,
                                             write_image_text_shards)
-from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+from vlmdistill.data.text import train_caption_tokenizer
 
 
 CAPTIONS = {"en": "a photo of the digit {}.", "zh": "数字{}的照片。"}
@@ -174,7 +174,7 @@ def test_training_preprocessing_is_the_elevater_harness_preprocessing():
     from PIL import Image
 
     from vlmdistill.eval.elevater.protocol import elevater_transform
-    from vlmdistill.plugins.dcclip.data import OPENAI_MEAN, OPENAI_STD
+    from vlmdistill.data.image_stats import OPENAI_MEAN, OPENAI_STD
 
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 12, 3), dtype=np.uint8))
     assert torch.equal(ClipImageTransform(16)(image), elevater_transform(16, OPENAI_MEAN, OPENAI_STD)(image))

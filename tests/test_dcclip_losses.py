@@ -10,7 +10,8 @@ from torch import nn
 import vlmdistill
 from vlmdistill.plugins.dcclip.losses import (align_maps, embedding_loss, image_map_loss, symmetric_info_nce,
                                               text_token_loss)
-from vlmdistill.plugins.dcclip.testing import tiny_hf_clip, token_batch
+from vlmdistill.eval.tiny_models import tiny_hf_clip
+from image_text_fixtures import token_batch
 
 
 @pytest.mark.parametrize("adapter_kind", ["conv", "linear"])

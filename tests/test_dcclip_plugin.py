@@ -8,7 +8,8 @@ from torch import nn
 
 import vlmdistill
 from vlmdistill.errors import ConfigError, IncompatibleTeacherError, UnsupportedModelError
-from vlmdistill.plugins.dcclip.testing import tiny_hf_clip, tiny_open_clip, token_batch
+from vlmdistill.eval.tiny_models import tiny_hf_clip, tiny_open_clip
+from image_text_fixtures import token_batch
 
 
 def _hf_batch(n=3, seed=0, size=32, length=9):
@@ -156,7 +157,7 @@ def test_token_level_text_refused_across_tokenizers_pooled_allowed():
     assert "text" not in wrapped.plugin.adapters and "text_embed" in wrapped.plugin.adapters
     vlmdistill.unwrap(wrapped)
     # Equal vocabulary sizes but different tokenizers (given to wrap): refused as well.
-    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+    from vlmdistill.data.text import train_caption_tokenizer
 
     tok_a = train_caption_tokenizer(["a photo of a seven", "数字七"], vocab_size=300)
     tok_b = train_caption_tokenizer(["a handwritten nine", "手写的九"], vocab_size=300)
@@ -242,7 +243,7 @@ def _captions():
 
 def test_clip_text_tower_that_would_pool_a_word_is_refused():
     """An XLM-R tokenizer's </s> is id 2, which transformers' CLIP reads as 'pool at the highest id' (a word)."""
-    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+    from vlmdistill.data.text import train_caption_tokenizer
 
     xlmr = train_caption_tokenizer(_captions(), vocab_size=300, layout="xlm-r")
     student = tiny_hf_clip(vocab=len(xlmr), eos_token_id=xlmr.eos_token_id, pad_token_id=xlmr.pad_token_id, seed=1)
@@ -255,7 +256,7 @@ def test_clip_text_tower_that_would_pool_a_word_is_refused():
     altclip = tiny_hf_clip("altclip", vocab=len(xlmr), pad_token_id=xlmr.pad_token_id, seed=1)
     vlmdistill.unwrap(vlmdistill.wrap(altclip, plugin="dcclip", stage=2, student_tokenizer=xlmr))
     # a config that pools at an id the tokenizer does not end captions with
-    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer as train
+    from vlmdistill.data.text import train_caption_tokenizer as train
 
     tok = train(_captions(), vocab_size=300)  # </eos> = 3
     with pytest.raises(IncompatibleTeacherError, match=r"pools at token id 5 .* ends captions with id 3"):
@@ -269,7 +270,7 @@ def test_clip_text_tower_that_would_pool_a_word_is_refused():
 
 def test_legacy_pooling_is_right_when_end_of_text_has_the_highest_id():
     """OpenAI's CLIP checkpoints keep eos_token_id=2 in their config and work: their <|endoftext|> is the last id."""
-    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+    from vlmdistill.data.text import train_caption_tokenizer
 
     tok = train_caption_tokenizer(_captions(), vocab_size=300)
     tok.add_special_tokens({"eos_token": "<|endoftext|>"})
@@ -297,7 +298,7 @@ def test_first_batch_pooled_away_from_the_caption_end_is_refused_without_a_token
 
 def test_teacher_with_its_own_tokenizer_must_get_its_own_token_ids():
     from vlmdistill.errors import DataError
-    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+    from vlmdistill.data.text import train_caption_tokenizer
 
     tok_s = train_caption_tokenizer(_captions(), vocab_size=300)
     tok_t = train_caption_tokenizer(_captions()[::-1] + ["a handwritten nine"], vocab_size=300)

@@ -11,8 +11,8 @@ import yaml
 import vlmdistill
 from vlmdistill.plugins.dcclip.data import ImageTextSample, write_image_text_shards
 from vlmdistill.plugins.dcclip.recipes import cache_teacher_main
-from vlmdistill.plugins.dcclip.testing import tiny_hf_clip
-from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+from vlmdistill.eval.tiny_models import tiny_hf_clip
+from vlmdistill.data.text import train_caption_tokenizer
 from vlmdistill.recipes import load_recipe, run_recipe
 
 
@@ -163,7 +163,7 @@ def test_shard_pipeline_tokenises_for_a_teacher_with_its_own_tokenizer(recipe_pa
 
 def test_clip_builder_refuses_a_tokenizer_it_would_pool_wrong(tmp_path):
     from vlmdistill.errors import IncompatibleTeacherError
-    from vlmdistill.plugins.dcclip.recipes import build_hf_clip
+    from vlmdistill.eval.experiments.dcclip_recipes import build_hf_clip
 
     xlmr = train_caption_tokenizer(["a photo of the digit seven.", "数字七的照片。"], vocab_size=300, layout="xlm-r")
     xlmr.save_pretrained(tmp_path / "xlmr")

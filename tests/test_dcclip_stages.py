@@ -6,7 +6,8 @@ import torch
 
 import vlmdistill
 from vlmdistill.errors import ConfigError
-from vlmdistill.plugins.dcclip.testing import tiny_hf_clip, token_batch
+from vlmdistill.eval.tiny_models import tiny_hf_clip
+from image_text_fixtures import token_batch
 
 
 def _student():

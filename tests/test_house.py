@@ -110,9 +110,27 @@ def test_importing_a_plugin_registers_no_builder_and_recipes_find_them_all():
             "assert r._MODEL_BUILDERS.keys() <= {'from-config', 'open-clip'}, sorted(r._MODEL_BUILDERS)\n"
             "found = r.registered_builders()\n"
             "assert {'msd-digits-clip', 'ccd-vit', 'dcclip-hf-clip', 'lingudistill-toy-lm'} <= set(found['model'])\n"
-            "assert {'image-text', 'text-blocks', 'msd-digit-captions', 'ccd-rendered-words'} <= set(found['data'])\n")
+            "assert {'image-text', 'text-blocks', 'msd-digit-captions', 'ccd-rendered-words', 'text-lmdb',\n"
+            "        'dcclip-image-text'} <= set(found['data'])\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_importing_every_plugin_module_trains_nothing_and_writes_nothing(tmp_path):
+    """Every module of every plugin folder (its recipe builders included) imports without demo code
+    (`vlmdistill.eval`) or demo data packages, and leaves the working directory as it was."""
+    code = ("import importlib, pkgutil, sys, vlmdistill\n"
+            "for name in vlmdistill.list_plugins():\n"
+            "    package = importlib.import_module(f'vlmdistill.plugins.{name}')\n"
+            "    for module in pkgutil.iter_modules(package.__path__):\n"
+            "        importlib.import_module(f'{package.__name__}.{module.name}')\n"
+            "loaded = [m for m in sys.modules if m.split('.')[0] in ('sklearn', 'matplotlib', 'skimage')\n"
+            "          or m.startswith('vlmdistill.eval')]\n"
+            "assert not loaded, loaded\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not list(tmp_path.iterdir()), sorted(p.name for p in tmp_path.iterdir())
 
 
 def test_a_builder_name_registered_twice_is_refused():

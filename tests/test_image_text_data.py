@@ -209,7 +209,7 @@ def test_readme_image_text_recipes_train(tmp_path, folders, plugin, monkeypatch,
 
 def test_open_clip_student_from_a_local_checkpoint_in_a_recipe(tmp_path, folders):
     from vlmdistill.open_clip_models import load_open_clip
-    from vlmdistill.plugins.dcclip.testing import open_clip_config, tiny_open_clip
+    from vlmdistill.eval.tiny_models import open_clip_config, tiny_open_clip
     from vlmdistill.recipes import load_recipe, run_recipe
 
     config = open_clip_config(image_size=16, patch=8, vocab=49408, context=16)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import vlmdistill
-from vlmdistill.plugins.dcclip.testing import tiny_hf_clip, token_batch
+from vlmdistill.eval.tiny_models import tiny_hf_clip
+from image_text_fixtures import token_batch
 from vlmdistill.stages import reset_optimizer_state, stage_spans, staged_lambda, staged_scheduler
 
 

@@ -13,7 +13,7 @@ pytest.importorskip("lmdb")
 from vlmdistill.data.text_lmdb import (TextImageLMDB, collate_text_images, find_text_lmdbs, normalise_label,  # noqa: E402
                                        word_accuracy, write_text_lmdb)
 from vlmdistill.errors import DataError  # noqa: E402
-from vlmdistill.plugins.ccd.rendering import render_words  # noqa: E402
+from vlmdistill.data.rendered_words import render_words  # noqa: E402
 
 WORDS = ["Hello!", "state-of-the-art", "IC13", "a", "...", "Zoo"]
 
@@ -102,7 +102,8 @@ def test_ccd_pretrains_from_an_unlabeled_lmdb_in_a_dataloader(tmp_path):
 
 def test_eval_str_reports_word_accuracy_per_benchmark(tmp_path, capsys):
     from vlmdistill.cli import main
-    from vlmdistill.plugins.ccd import CTCRecognizer, ccd_vit
+    from vlmdistill.eval.ctc_recognizer import CTCRecognizer
+    from vlmdistill.plugins.ccd import ccd_vit
 
     torch.manual_seed(0)
     recogniser = CTCRecognizer(ccd_vit("tiny", embed_dim=32, depth=2, num_heads=2))
@@ -131,8 +132,9 @@ def test_eval_str_word_accuracy_matches_a_hand_count(tmp_path):
     punctuation (hits under the 36-character protocol), in one letter (a miss) or are empty (left out): the
     accuracies are counted by hand below, not by the code under test."""
     from vlmdistill.eval.text_recognition import evaluate
-    from vlmdistill.plugins.ccd import CTCRecognizer, ccd_vit
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+    from vlmdistill.eval.ctc_recognizer import CTCRecognizer
+    from vlmdistill.plugins.ccd import ccd_vit
+    from vlmdistill.data.rendered_words import to_pixel_values
 
     words = ["abc", "word", "text", "zoo"]
     images = render_words(words, 0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from .errors import ConfigError
 
@@ -31,6 +31,39 @@ def _read_architecture(path: str) -> dict:
     if missing:
         raise ConfigError(f"open_clip config {path} lacks {sorted(missing)}")
     return cfg
+
+
+def register_open_clip_config(name: str, config: Mapping[str, Any]) -> str:
+    """Make a custom open_clip architecture (a config dict with embed_dim/vision_cfg/text_cfg) creatable under
+    `name`, through open_clip's public `add_model_config` (it reads its registry from files); returns the name."""
+    import open_clip
+
+    missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(config)
+    if missing:
+        raise ConfigError(f"open_clip config {name!r} lacks {sorted(missing)}")
+    if not name or "/" in name or os.sep in name:
+        raise ConfigError(f"open_clip architecture name {name!r}: give a plain name (open_clip keys configs by "
+                          "file name)")
+    path = os.path.join(_config_directory(), f"{name}.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(dict(config), handle)
+    open_clip.add_model_config(path)
+    return name
+
+
+_CONFIG_DIRECTORY: list[str] = []
+
+
+def _config_directory() -> str:
+    """One temporary folder per process for registered configs, removed at exit."""
+    if not _CONFIG_DIRECTORY:
+        import atexit
+        import shutil
+        import tempfile
+
+        _CONFIG_DIRECTORY.append(tempfile.mkdtemp(prefix="open_clip_configs_"))
+        atexit.register(shutil.rmtree, _CONFIG_DIRECTORY[0], ignore_errors=True)
+    return _CONFIG_DIRECTORY[0]
 
 
 def _check_local_towers(cfg: dict, where: str) -> None:
@@ -50,8 +83,7 @@ def load_open_clip(model: Optional[str] = None, checkpoint: Optional[str] = None
         raise ConfigError("open-clip: give model (an architecture name or local-dir:FOLDER) or config (a JSON file)")
     if config is not None:
         cfg = _read_architecture(config)
-        name = model or os.path.splitext(os.path.basename(config))[0]
-        open_clip.factory._MODEL_CONFIGS[name] = cfg  # what open_clip.add_model_config does for a file
+        name = register_open_clip_config(model or os.path.splitext(os.path.basename(config))[0], cfg)
     elif model.startswith("hf-hub:"):
         raise ConfigError(f"open-clip model {model!r} would be downloaded from the hub; give a local checkpoint "
                           "file with the architecture name, or local-dir:FOLDER")

@@ -105,9 +105,10 @@ class DistillationPlugin(nn.Module):
     demo: ClassVar[str | None] = None
     #: extra `vlmdistill` sub-commands: {"name": "module:function"} (function takes an argv list)
     commands: ClassVar[dict[str, str]] = {}
-    #: module whose import registers the plugin's recipe builders (`register_model_builder` / `register_data_builder`);
-    #: `vlmdistill.recipes` imports it when a recipe looks a builder up, never when the plugin is imported
-    recipe_builders: ClassVar[str | None] = None
+    #: module(s) whose import registers the plugin's recipe builders (`register_model_builder` /
+    #: `register_data_builder`): a name or a tuple of names (the method's builders, its demo's under `eval/`);
+    #: `vlmdistill.recipes` imports them when a recipe looks a builder up, never when the plugin is imported
+    recipe_builders: ClassVar[str | tuple[str, ...] | None] = None
     #: under `DistillationTrainerMixin`, keep an accumulation window's micro-batches on the host (each moves to the
     #: device for its own forward), for plugins that see the whole window first (`on_accumulation_window`)
     window_on_host: ClassVar[bool] = False

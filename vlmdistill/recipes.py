@@ -39,7 +39,7 @@ _DATA_BUILDERS: dict[str, Callable] = {}
 _DATA_CHECKS: dict[str, Callable] = {}
 
 
-# Modules of the library's own builders; a plugin names its module in `DistillationPlugin.recipe_builders`. They are
+# Modules of the library's own builders; a plugin names its modules in `DistillationPlugin.recipe_builders`. They are
 # imported only when a recipe looks a builder up (`load_builders`), so importing a plugin registers nothing.
 CORE_BUILDER_MODULES = ("vlmdistill.data.image_text",)
 _builders_loaded = False
@@ -78,14 +78,16 @@ def register_data_check(name: str):
 
 
 def load_builders() -> None:
-    """Import the core builder modules and every installed plugin's `recipe_builders` module (once)."""
+    """Import the core builder modules and every installed plugin's `recipe_builders` modules (once)."""
     global _builders_loaded
     if _builders_loaded:
         return
     from .registry import get_plugin, list_plugins
 
     modules = list(CORE_BUILDER_MODULES)
-    modules += [m for m in (get_plugin(name).recipe_builders for name in list_plugins()) if m]
+    for name in list_plugins():
+        named = get_plugin(name).recipe_builders or ()
+        modules += [named] if isinstance(named, str) else list(named)
     for module in modules:
         importlib.import_module(module)
     _builders_loaded = True
@@ -403,6 +405,49 @@ def build_data(spec: DataSpec, student, teacher, offered: dict[str, Any]):
     return (*built, {}) if len(built) == 2 else built
 
 
+@dataclasses.dataclass
+class BuiltRecipe:
+    """What a recipe builds before training (`build`)."""
+
+    student: Any
+    teacher: Any  # a model, "base" (PEFT student) or None
+    train_dataset: Any
+    data_collator: Any
+    #: runtime arguments for the recipe's plugin: the tokenizers of the model folders and what the data builder
+    #: returned (tokenizers, data fingerprints), only those the plugin takes
+    wrap_kwargs: dict[str, Any]
+    eval_dataset: Any = None
+    eval_collator: Any = None
+    folders: Optional[RecipeFolders] = None
+
+
+def build(recipe: Recipe, *, eval_data: bool = True) -> BuiltRecipe:
+    """Build a recipe's student, teacher and data exactly as `vlmdistill train` does (seeded with the recipe's
+    `seed`), without wrapping or training. `eval_data=False` skips the evaluation data. Then
+
+        built = build(recipe)
+        model = vlmdistill.wrap(built.student, plugin=recipe.plugin, teacher=built.teacher, config=recipe.config,
+                                **built.wrap_kwargs)
+    """
+    import torch
+
+    from .registry import get_plugin
+
+    plugin_cls = get_plugin(recipe.plugin)
+    torch.manual_seed(recipe.seed)
+    student = build_model(recipe.student, role="student")
+    teacher = build_model(recipe.teacher, role="teacher") if isinstance(recipe.teacher, ModelSpec) else recipe.teacher
+    folders = RecipeFolders.load(recipe)
+    offered = folders.offer(plugin_cls.name)
+    train_dataset, collator, wrap_kwargs = build_data(recipe.data, student, teacher, offered)
+    eval_dataset = eval_collator = None
+    if eval_data and recipe.eval_data is not None:
+        eval_dataset, eval_collator, _ = build_data(recipe.eval_data, student, teacher, offered)
+    # Generic builders offer every runtime object they have (tokenizers, fingerprints); each plugin takes its own.
+    wrap_kwargs = {k: v for k, v in {**folders.runtime(), **wrap_kwargs}.items() if k in plugin_cls.runtime_args}
+    return BuiltRecipe(student, teacher, train_dataset, collator, wrap_kwargs, eval_dataset, eval_collator, folders)
+
+
 def check_recipe(recipe: Recipe) -> list[str]:
     """What `--dry-run` checks beyond the recipe's types, without building a model: model folders (config,
     class, weights, processor), builders and their arguments, and the data where the builder registered a
@@ -449,14 +494,12 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None, progress: bool = F
     stored summary (training nothing) when that run already finished. `callbacks`: extra `TrainerCallback`s.
     Every run writes `log_history.jsonl` and `plots/<term>.png` into output_dir; `progress` shows a progress bar
     with the current loss terms instead of the Trainer's printed log dicts."""
-    import torch
-
     from .api import unwrap, wrap
     from .registry import get_plugin
     from .run_report import RunReport, remove_log_printers
     from .runs import finish_run, plan_run
 
-    plugin_cls = get_plugin(recipe.plugin)  # importing the plugin registers its builders
+    plugin_cls = get_plugin(recipe.plugin)
     # Once TrainingArguments with ZeRO-3 exist, transformers builds models partitioned (zero.Init): an EMA teacher
     # cannot copy such a student, and a replicated teacher would run outside DeepSpeed's engine. Under ZeRO-3 the
     # models are built whole first; the Trainer partitions the wrapper, `distributed.teacher` the teacher.
@@ -464,27 +507,15 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None, progress: bool = F
     plan = plan_run(recipe, os.path.join(recipe.output_dir, "checkpoints"))
     if plan.finished is not None:
         return plan.finished
-    torch.manual_seed(recipe.seed)
-    student = build_model(recipe.student, role="student")
-    if isinstance(recipe.teacher, ModelSpec):
-        teacher = build_model(recipe.teacher, role="teacher")
-    else:
-        teacher = recipe.teacher
-    folders = RecipeFolders.load(recipe)
-    train_dataset, collator, wrap_kwargs = build_data(recipe.data, student, teacher, folders.offer(plugin_cls.name))
-    eval_dataset = eval_collator = None
-    if recipe.eval_data is not None:
-        eval_dataset, eval_collator, _ = build_data(recipe.eval_data, student, teacher, folders.offer(plugin_cls.name))
-    # Generic builders offer every runtime object they have (tokenizers, fingerprints); each plugin takes its own.
-    wrap_kwargs = {k: v for k, v in {**folders.runtime(), **wrap_kwargs}.items() if k in plugin_cls.runtime_args}
-    wrapped = wrap(student, plugin=plugin_cls.name, teacher=teacher, config=recipe.config,
-                   on_nonfinite=recipe.on_nonfinite, **wrap_kwargs)
+    built = build(recipe)
+    wrapped = wrap(built.student, plugin=plugin_cls.name, teacher=built.teacher, config=recipe.config,
+                   on_nonfinite=recipe.on_nonfinite, **built.wrap_kwargs)
     args = args or training_arguments(recipe)
     _place_teacher(wrapped, recipe.distributed)
     report = RunReport(recipe.output_dir, progress=progress)
-    trainer = _recipe_trainer_class()(model=wrapped, args=args, train_dataset=train_dataset,
-                                      eval_dataset=eval_dataset, data_collator=collator, eval_collator=eval_collator,
-                                      callbacks=[*(callbacks or []), report])
+    trainer = _recipe_trainer_class()(model=wrapped, args=args, train_dataset=built.train_dataset,
+                                      eval_dataset=built.eval_dataset, data_collator=built.data_collator,
+                                      eval_collator=built.eval_collator, callbacks=[*(callbacks or []), report])
     if progress:
         remove_log_printers(trainer)
     result = trainer.train(resume_from_checkpoint=plan.checkpoint)
@@ -493,8 +524,8 @@ def run_recipe(recipe: Recipe, callbacks: list | None = None, progress: bool = F
     student_dir = os.path.join(recipe.output_dir, "student")
     wrapped.export_student(student_dir)  # gathered when sharded (FSDP2, ZeRO-3); every rank calls it
     unwrap(wrapped)
-    if folders.student_processor is not None:  # tokenizer, image processor and chat template, as trained with
-        folders.student_processor.save_pretrained(student_dir)
+    if built.folders.student_processor is not None:  # tokenizer, image processor and chat template, as trained with
+        built.folders.student_processor.save_pretrained(student_dir)
     summary = {"resumed_from": plan.checkpoint, "global_step": trainer.state.global_step,
                "train_loss": result.training_loss, "final": final_dir, "student": student_dir,
                "log_file": report.log_path, "plots": report.plots, "log_history": trainer.state.log_history}

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 import vlmdistill
-from vlmdistill.plugins.ccd import CTCRecognizer, ccd_vit
+from vlmdistill.eval.ctc_recognizer import CTCRecognizer
+from vlmdistill.plugins.ccd import ccd_vit
 from vlmdistill.plugins.ccd import plugin as ccd_plugin
-from vlmdistill.plugins.ccd.rendering import render_words, to_pixel_values
+from vlmdistill.data.rendered_words import render_words, to_pixel_values
 
 from .output import add_out_argument, write_results
 

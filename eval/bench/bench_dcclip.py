@@ -30,7 +30,7 @@ IMAGE_SIZE = 32
 
 
 def _clip(size: dict, vocab: int, seed: int):
-    from vlmdistill.plugins.dcclip.testing import tiny_hf_clip
+    from vlmdistill.eval.tiny_models import tiny_hf_clip
 
     return tiny_hf_clip(hidden=size["hidden"], layers=size["layers"], heads=size["heads"], patch=size["patch"],
                         image_size=IMAGE_SIZE, vocab=vocab, max_positions=32, projection=size["projection"], seed=seed)
@@ -45,7 +45,7 @@ def _write_shards(directory: str, num_images: int):
 
     from vlmdistill.data.digits import digit_caption, load_digits_images
     from vlmdistill.plugins.dcclip.data import ImageTextSample, write_image_text_shards
-    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+    from vlmdistill.data.text import train_caption_tokenizer
 
     images, labels, _, _ = load_digits_images(size=8, seed=0)
     samples = []

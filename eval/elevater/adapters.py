@@ -14,17 +14,15 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from vlmdistill.data.image_stats import HALF_MEAN_STD, OPENAI_MEAN, OPENAI_STD
 from vlmdistill.errors import ConfigError, DataError, UnsupportedModelError
+from vlmdistill.open_clip_models import register_open_clip_config
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-HALF_MEAN_STD = (0.5, 0.5, 0.5)
 HF_CLIP_FAMILY = ("clip", "altclip", "chinese_clip", "siglip", "siglip2")
 
 Tokenize = Callable[[Sequence[str]], Any]   # texts -> LongTensor or a mapping of tensors
@@ -313,35 +311,6 @@ def _processor_transform(processor) -> Callable:
 
 
 # ------------------------------------------------------------------ loading from local files
-
-def register_open_clip_config(name: str, config: Mapping[str, Any]) -> str:
-    """Make a custom open_clip architecture (a config dict with embed_dim/vision_cfg/text_cfg)
-    available under `name`; returns the name."""
-    import open_clip
-
-    missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(config)
-    if missing:
-        raise ConfigError(f"open_clip config {name!r} lacks {sorted(missing)}")
-    path = os.path.join(_config_directory(), f"{name}.json")
-    with open(path, "w") as handle:
-        json.dump(dict(config), handle)
-    open_clip.add_model_config(path)   # open_clip reads its registry from files
-    return name
-
-
-_CONFIG_DIRECTORY: list[str] = []
-
-
-def _config_directory() -> str:
-    """One temporary folder per process for registered configs, removed at exit."""
-    if not _CONFIG_DIRECTORY:
-        import atexit
-        import shutil
-
-        _CONFIG_DIRECTORY.append(tempfile.mkdtemp(prefix="open_clip_configs_"))
-        atexit.register(shutil.rmtree, _CONFIG_DIRECTORY[0], ignore_errors=True)
-    return _CONFIG_DIRECTORY[0]
-
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")   # what open_clip looks for in a local-dir folder
 RANDOM_ON_PURPOSE = "--random-weights (random_weights=True) to evaluate random weights on purpose"

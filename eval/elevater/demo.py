@@ -25,14 +25,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vlmdistill.data.digits import DIGIT_NAMES_EN, DIGIT_NAMES_ZH, load_digits_arrays
 from vlmdistill.extras import require
 
+from ..tiny_models import open_clip_config
 from .tasks import TaskSpec
 
-DIGIT_NAMES = {
-    "en": ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"),
-    "zh": ("零", "一", "二", "三", "四", "五", "六", "七", "八", "九"),
-}
+DIGIT_NAMES = {"en": tuple(DIGIT_NAMES_EN), "zh": tuple(DIGIT_NAMES_ZH)}
 DIGIT_TEMPLATES = {
     "en": ("a photo of the digit {}.", "a blurry photo of the digit {}.", "a drawing of the number {}."),
     "zh": ("数字{}的照片", "数字{}的模糊照片", "数字{}的图片"),
@@ -53,11 +52,8 @@ OBJECT_TEMPLATES = {
     "zh": ("{}的照片", "{}的局部照片", "{}的特写照片"),
 }
 TINY_CLIP_NAME = "vlmdistill-tiny-clip"
-TINY_CLIP_CONFIG = {
-    "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+_TINY_CLIP_SIZE = dict(width=64, layers=2, patch=8, image_size=32, vocab=49408, context=32, embed_dim=64)
+TINY_CLIP_CONFIG = open_clip_config("vit", **_TINY_CLIP_SIZE)
 
 
 # ------------------------------------------------------------------ tasks
@@ -82,12 +78,10 @@ def mosaics_task(language: str = "en") -> TaskSpec:
 
 def digits_images(size: int = 32) -> tuple[list[Image.Image], np.ndarray]:
     """All 1,797 scikit-learn digits as RGB images of `size` pixels (white strokes on black), and labels."""
-    load_digits = require("sklearn.datasets", "the ELEVATER demo's digit images").load_digits
-
-    digits = load_digits()
-    pixels = (digits.images / 16.0 * 255).astype(np.uint8)
+    arrays, labels = load_digits_arrays()
+    pixels = (arrays / 16.0 * 255).astype(np.uint8)
     images = [Image.fromarray(p).resize((size, size), Image.BICUBIC).convert("RGB") for p in pixels]
-    return images, digits.target.astype(np.int64)
+    return images, labels.astype(np.int64)
 
 
 def digits_split(size: int = 32, test_size: int = 500, seed: int = 0):
@@ -163,12 +157,10 @@ def build_tiny_clip(seed: int = 0):
     """A randomly initialised open_clip model from `TINY_CLIP_CONFIG`, and its tokenizer."""
     import open_clip
 
-    from .adapters import register_open_clip_config
+    from ..tiny_models import tiny_open_clip
 
-    register_open_clip_config(TINY_CLIP_NAME, TINY_CLIP_CONFIG)
-    torch.manual_seed(seed)
-    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None, pretrained_text=False)
-    return model, open_clip.get_tokenizer(TINY_CLIP_NAME)
+    model, name = tiny_open_clip("vit", seed=seed, name=TINY_CLIP_NAME, **_TINY_CLIP_SIZE)
+    return model, open_clip.get_tokenizer(name)
 
 
 def train_tiny_clip(model, tokenizer, images: Sequence[Image.Image], captions: Sequence[Sequence[str]],

@@ -18,12 +18,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..tiny_models import open_clip_config, tiny_hf_clip
+
 TINY_OPEN_CLIP_NAME = "vlmdistill-test-clip"
-TINY_OPEN_CLIP_CONFIG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+_TINY_OPEN_CLIP_SIZE = dict(width=32, layers=1, patch=8, image_size=32, vocab=49408, context=24, embed_dim=16)
+TINY_OPEN_CLIP_CONFIG = open_clip_config("vit", **_TINY_OPEN_CLIP_SIZE)
 _SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
 
@@ -49,28 +48,10 @@ def word_level_tokenizer(texts: Sequence[str], model_max_length: int = 32):
 
 def tiny_hf_model(model_type: str, vocab_size: int, image_size: int = 32, max_length: int = 32, seed: int = 0):
     """A randomly initialised transformers model of the CLIP family, small enough for a unit test."""
-    import transformers
-
-    torch.manual_seed(seed)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                vocab_size=vocab_size, max_position_embeddings=max_length, pad_token_id=0, bos_token_id=2,
-                eos_token_id=3)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                  image_size=image_size, patch_size=8)
-    if model_type == "clip":
-        config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-        return transformers.CLIPModel(config)
-    if model_type == "siglip":
-        return transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
-    if model_type == "chinese_clip":
-        text.update(type_vocab_size=2)
-        config = transformers.ChineseCLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-        return transformers.ChineseCLIPModel(config)
-    if model_type == "altclip":
-        text.update(max_position_embeddings=max_length + 2, project_dim=16, type_vocab_size=1)
-        config = transformers.AltCLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
-        return transformers.AltCLIPModel(config)
-    raise ValueError(f"unknown model type {model_type!r}")
+    text = dict(bos_token_id=2, eos_token_id=3, **{"chinese_clip": {"type_vocab_size": 2},
+                                                   "altclip": {"type_vocab_size": 1}}.get(model_type, {}))
+    return tiny_hf_clip(model_type, hidden=32, layers=1, heads=4, patch=8, image_size=image_size, vocab=vocab_size,
+                        max_positions=max_length, projection=16, text_config=text, seed=seed)
 
 
 def tiny_image_processor(model_type: str, image_size: int = 32):
@@ -96,12 +77,10 @@ def tiny_open_clip(seed: int = 0):
     """(model, tokenizer) of an open_clip CLIP built from `TINY_OPEN_CLIP_CONFIG`."""
     import open_clip
 
-    from .adapters import register_open_clip_config
+    from ..tiny_models import tiny_open_clip as build
 
-    register_open_clip_config(TINY_OPEN_CLIP_NAME, TINY_OPEN_CLIP_CONFIG)
-    torch.manual_seed(seed)
-    model = open_clip.create_model(TINY_OPEN_CLIP_NAME, pretrained=None, pretrained_text=False)
-    return model.eval(), open_clip.get_tokenizer(TINY_OPEN_CLIP_NAME)
+    model, name = build("vit", seed=seed, name=TINY_OPEN_CLIP_NAME, **_TINY_OPEN_CLIP_SIZE)
+    return model.eval(), open_clip.get_tokenizer(name)
 
 
 # ------------------------------------------------------------------ oracle

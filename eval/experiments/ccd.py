@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from vlmdistill.plugins.ccd.recognizer import DEFAULT_CHARSET
+from vlmdistill.data.text_lmdb import CHARSET_36
 
 SCALES = {
     # encoder, pretraining and fine-tuning sizes; "full" is sized for about 10 minutes on 2 CPU cores
@@ -41,7 +41,8 @@ QUICK_WORDS = (["alpha", "beta", "gamma", "delta", "format", "string", "module",
                ["socket", "thread", "buffer", "encode", "parse", "token"])
 
 
-def _encoder(scale: dict, seed: int):
+def tiny_encoder(scale: dict, seed: int):
+    """The demos' randomly initialised tiny CCD ViT (`embed_dim`, `depth`, `heads` from `scale`)."""
     from vlmdistill.plugins.ccd import ccd_vit
 
     torch.manual_seed(seed)
@@ -50,7 +51,7 @@ def _encoder(scale: dict, seed: int):
 
 
 def _data(scale: dict, quick: bool, seed: int = 0) -> dict:
-    from vlmdistill.plugins.ccd.rendering import docstring_words, render_words
+    from vlmdistill.data.rendered_words import docstring_words, render_words
 
     train_words, held_words = QUICK_WORDS if quick else docstring_words()
     rng = np.random.default_rng(seed)
@@ -67,11 +68,11 @@ def _pretrain(images: np.ndarray, scale: dict, output_dir: str, seed: int):
 
     import vlmdistill
     from vlmdistill.plugins.ccd import teacher_encoder
-    from vlmdistill.plugins.ccd.rendering import WordImages, collate_unlabeled
+    from vlmdistill.data.rendered_words import WordImages, collate_unlabeled
 
     steps = scale["pretrain_steps"]
     wrapped = vlmdistill.wrap(
-        _encoder(scale, seed), plugin="ccd", seg_blocks=scale["seg_blocks"], out_dim=scale["out_dim"],
+        tiny_encoder(scale, seed), plugin="ccd", seg_blocks=scale["seg_blocks"], out_dim=scale["out_dim"],
         head_hidden_dim=scale["head_hidden"], bottleneck_dim=scale["bottleneck"],
         seg_hidden_channels=scale["seg_hidden"], seg_map_channels=scale["seg_map"],
         # A short run: a faster EMA than the paper's 0.9995 (whose teacher would barely move in a few hundred
@@ -97,8 +98,8 @@ def _cosine(optimizer, steps: int):
 
 def _finetune(encoder, images: np.ndarray, words: list[str], scale: dict, seed: int):
     """Full fine-tuning: encoder and CTC head, AdamW with warm-up + cosine, gradient clipping 3."""
-    from vlmdistill.plugins.ccd import CTCRecognizer
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+    from vlmdistill.eval.ctc_recognizer import CTCRecognizer
+    from vlmdistill.data.rendered_words import to_pixel_values
 
     torch.manual_seed(seed)
     recogniser = CTCRecognizer(encoder)
@@ -123,11 +124,12 @@ def _finetune(encoder, images: np.ndarray, words: list[str], scale: dict, seed: 
 def _character_features(encoder, images: np.ndarray, words: list[str], charset: str, batch: int = 64):
     """Pooled final-token features of the k-means + connected-component character slots of each image, labelled
     left to right from its word; only images whose slot count equals the word length are used."""
+    from vlmdistill.data.image_stats import IMAGENET_MEAN, IMAGENET_STD, unnormalise
+    from vlmdistill.data.rendered_words import to_pixel_values
     from vlmdistill.plugins.ccd.masks import character_slots, pool_characters, pseudo_text_masks, slot_token_weights
-    from vlmdistill.plugins.ccd.rendering import IMAGENET_MEAN, IMAGENET_STD, to_pixel_values
 
     pixels = to_pixel_values(images)
-    unit = (pixels * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+    unit = unnormalise(pixels, IMAGENET_MEAN, IMAGENET_STD)
     weights, present = slot_token_weights(character_slots(pseudo_text_masks(unit.clamp(0, 1))), (8, 32))
     encoder.eval()
     tokens = torch.cat([encoder(pixel_values=pixels[i:i + batch]).last_hidden_state
@@ -182,7 +184,7 @@ def _scores(predicted: list[str], words: list[str]) -> dict:
 
 
 def evaluate(recogniser, images: np.ndarray, words: list[str], batch: int = 64) -> dict:
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+    from vlmdistill.data.rendered_words import to_pixel_values
 
     pixels = to_pixel_values(images)
     predicted = []
@@ -222,13 +224,13 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, encoder_dir: str
         images, words = pre_images[subset], [pre_words[i] for i in subset]
         for seed in seeds:
             for arm in ("scratch", "ccd"):
-                encoder = copy.deepcopy(pretrained) if arm == "ccd" else _encoder(scale, 1000 + seed)
+                encoder = copy.deepcopy(pretrained) if arm == "ccd" else tiny_encoder(scale, 1000 + seed)
                 key = arm if arm == "ccd" else f"scratch-{seed}"
                 if key not in eval_cache:
-                    eval_cache[key] = _character_features(encoder, eval_images, eval_words, DEFAULT_CHARSET)
+                    eval_cache[key] = _character_features(encoder, eval_images, eval_words, CHARSET_36)
                 t2 = time.time()
-                chars = _character_probe(_character_features(encoder, images, words, DEFAULT_CHARSET),
-                                         eval_cache[key], len(DEFAULT_CHARSET), seed)
+                chars = _character_probe(_character_features(encoder, images, words, CHARSET_36),
+                                         eval_cache[key], len(CHARSET_36), seed)
                 rows.append({"protocol": "characters", "labels": fraction, "labelled_images": n, "seed": seed,
                              "init": arm, "seconds": time.time() - t2, "char_accuracy": chars, "word_accuracy": None})
                 t2 = time.time()

@@ -13,7 +13,7 @@ SIZE = (32, 128)
 def _fonts(size: int):
     import os
 
-    from vlmdistill.plugins.ccd.rendering import _font, font_paths
+    from vlmdistill.data.rendered_words import _font, font_paths
 
     folder = os.path.dirname(font_paths()[0])
     return [_font(os.path.join(folder, name), size) for name in FONT_FILES if os.path.isfile(os.path.join(folder,

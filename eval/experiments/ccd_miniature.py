@@ -31,6 +31,8 @@ import time
 import numpy as np
 import torch
 
+from .ccd import tiny_encoder
+
 SETTINGS = {
     "full": dict(embed_dim=32, depth=3, heads=2, seg_blocks=[1, 2, 3], seg_hidden=16, seg_map=8, out_dim=512,
                  head_hidden=256, bottleneck=64, slices=4, teacher_momentum=0.99, teacher_temperature=0.04,
@@ -47,13 +49,6 @@ PROBE_WEIGHT_DECAYS = (1e-4, 1e-2, 1e-1)
 ARMS = ("scratch", "slices", "ccd")
 
 
-def _encoder(s: dict, seed: int):
-    from vlmdistill.plugins.ccd import ccd_vit
-
-    torch.manual_seed(seed)
-    return ccd_vit("tiny", embed_dim=s["embed_dim"], depth=s["depth"], num_heads=s["heads"], drop_path_rate=0.1)
-
-
 def _data(s: dict) -> dict:
     from .ccd_glyphs import glyph_strings
 
@@ -66,11 +61,11 @@ def _pretrain(images: np.ndarray, s: dict, instances: str, seed: int, output_dir
 
     import vlmdistill
     from vlmdistill.plugins.ccd import teacher_encoder
-    from vlmdistill.plugins.ccd.rendering import WordImages, collate_unlabeled
+    from vlmdistill.data.rendered_words import WordImages, collate_unlabeled
 
     steps = s["pretrain_steps"]
     wrapped = vlmdistill.wrap(
-        _encoder(s, seed), plugin="ccd", instances=instances, slices=s["slices"], seg_blocks=s["seg_blocks"],
+        tiny_encoder(s, seed), plugin="ccd", instances=instances, slices=s["slices"], seg_blocks=s["seg_blocks"],
         out_dim=s["out_dim"], head_hidden_dim=s["head_hidden"], bottleneck_dim=s["bottleneck"],
         seg_hidden_channels=s["seg_hidden"], seg_map_channels=s["seg_map"], seed=seed,
         # a short run: a faster EMA than the paper's 0.9995, prototypes frozen for the first 10%, pseudo masks
@@ -91,16 +86,16 @@ def _pretrain(images: np.ndarray, s: dict, instances: str, seed: int, output_dir
 
 
 def _unit(pixels: torch.Tensor) -> torch.Tensor:
-    from vlmdistill.plugins.ccd.rendering import IMAGENET_MEAN, IMAGENET_STD
+    from vlmdistill.data.image_stats import IMAGENET_MEAN, IMAGENET_STD, unnormalise
 
-    return (pixels * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+    return unnormalise(pixels, IMAGENET_MEAN, IMAGENET_STD)
 
 
 @torch.no_grad()
 def segmentation_iou(wrapped, images: np.ndarray, masks: np.ndarray, batch: int = 100) -> float:
     """Dataset IoU of the text class: the student's segmentation head (argmax) against the true masks."""
     from vlmdistill.plugins.ccd.backbones import patch_tokens
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+    from vlmdistill.data.rendered_words import to_pixel_values
 
     plugin, student = wrapped.plugin, wrapped.student
     spec, blocks = plugin.spec, plugin.config.seg_blocks
@@ -132,7 +127,7 @@ def iou(predicted: torch.Tensor, truth: torch.Tensor) -> float:
 def box_features(encoder, split: dict, max_characters: int = 6, batch: int = 100):
     """(features `[C, E]`, letters `[C]`): final tokens pooled in each ground-truth character box."""
     from vlmdistill.plugins.ccd.masks import pool_characters, slot_token_weights
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+    from vlmdistill.data.rendered_words import to_pixel_values
 
     from .ccd_glyphs import LETTERS, box_masks
 
@@ -189,7 +184,7 @@ def _schedule(optimizer, steps: int):
 
 
 def word_accuracy(recogniser, split: dict, batch: int = 100) -> float:
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+    from vlmdistill.data.rendered_words import to_pixel_values
 
     predicted = []
     recogniser.eval()
@@ -202,8 +197,8 @@ def word_accuracy(recogniser, split: dict, batch: int = 100) -> float:
 def finetune(encoder, labelled: dict, validation: dict, test: dict, s: dict, seed: int) -> dict:
     """CTC recogniser, encoder + head trained (AdamW, warm-up + cosine, clipping 3). Every `check_every` steps it
     is scored on the validation split; the test accuracy reported is that of the best validation checkpoint."""
-    from vlmdistill.plugins.ccd import CTCRecognizer
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+    from vlmdistill.eval.ctc_recognizer import CTCRecognizer
+    from vlmdistill.data.rendered_words import to_pixel_values
 
     from .ccd_glyphs import LETTERS
 
@@ -245,7 +240,7 @@ def paired_t(a: list[float], b: list[float]) -> dict:
 
 def run(output_dir: str, seeds: list[int], quick: bool = False, with_finetune: bool = False) -> dict:
     from vlmdistill.plugins.ccd.masks import pseudo_text_masks
-    from vlmdistill.plugins.ccd.rendering import to_pixel_values
+    from vlmdistill.data.rendered_words import to_pixel_values
 
     torch.set_num_threads(1)
     s = SETTINGS["quick" if quick else "full"]
@@ -259,7 +254,7 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, with_finetune: b
           f"images in {time.time() - t0:.0f} s; k-means pseudo-mask IoU on test {pseudo_iou:.3f}", flush=True)
     rows = []
     for seed in seeds:
-        encoders, row = {"scratch": _encoder(s, 1000 + seed)}, {"seed": seed}
+        encoders, row = {"scratch": tiny_encoder(s, 1000 + seed)}, {"seed": seed}
         for instances, arm in (("slices", "slices"), ("characters", "ccd")):
             t1 = time.time()
             wrapped, encoders[arm], logs = _pretrain(pre["images"], s, instances, seed, output_dir)
@@ -281,7 +276,7 @@ def run(output_dir: str, seeds: list[int], quick: bool = False, with_finetune: b
                 print(f"seed {seed} {arm:7s} fine-tuned word accuracy {tuned['test']:.3f} (step {tuned['step']}, "
                       f"validation {tuned['validation']:.3f})", flush=True)
         if with_finetune and seed == seeds[0]:   # is the rendering learnable? the recogniser on all labels
-            row["all_labels"] = finetune(_encoder(s, 2000 + seed), pre, val, test, s, seed)
+            row["all_labels"] = finetune(tiny_encoder(s, 2000 + seed), pre, val, test, s, seed)
             print(f"seed {seed} scratch on all {len(pre['words'])} labels: word accuracy "
                   f"{row['all_labels']['test']:.3f} (curve {row['all_labels']['curve']})", flush=True)
         rows.append(row)

@@ -108,7 +108,7 @@ def build_data(workdir: str, *, quick: bool) -> dict[str, Any]:
 
     from vlmdistill.eval.elevater.dataset_writers import write_iris
     from vlmdistill.plugins.dcclip.data import write_image_text_shards
-    from vlmdistill.plugins.dcclip.tokenizer import train_caption_tokenizer
+    from vlmdistill.data.text import train_caption_tokenizer
 
     check_templates()
     train_x, train_y, test_x, test_y = load_digits_images(size=8, seed=0)
@@ -175,7 +175,7 @@ class Pairs:
 # ---------------------------------------------------------------------------- models & training
 
 def make_clip(size: dict, vocab: int, seed: int):
-    from vlmdistill.plugins.dcclip.testing import tiny_hf_clip
+    from vlmdistill.eval.tiny_models import tiny_hf_clip
 
     return tiny_hf_clip(hidden=size["hidden"], layers=size["layers"], heads=size["heads"], patch=size["patch"],
                         image_size=IMAGE_SIZE, vocab=vocab, max_positions=32, projection=size["projection"],

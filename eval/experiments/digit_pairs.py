@@ -15,7 +15,7 @@ import random
 import numpy as np
 import torch
 
-from vlmdistill.plugins.msd.digit_captions import DigitCaptions
+from vlmdistill.data.digits import DigitCaptions
 
 SPECIFIC = ["a {a} next to a {b}.", "a {a} to the left of a {b}.", "the digits {a} and {b}.", "{a} followed by {b}."]
 GENERIC = ["two handwritten digits.", "a pair of handwritten digits.", "two digits side by side.",
@@ -65,17 +65,9 @@ def splits(seed: int = 0, train: int = 4000, val: int = 1000, test: int = 1000) 
 
 def caption_tokenizer(vocab_size: int = 512):
     """A byte-level BPE trained on every caption, appending an end-of-text token (where CLIP pools)."""
-    from tokenizers.processors import TemplateProcessing
+    from vlmdistill.data.digits import digit_caption_tokenizer
 
-    from vlmdistill.data.text import train_tokenizer
-    from vlmdistill.plugins.msd.digit_captions import END_OF_TEXT, MAX_TOKENS
-
-    tokenizer = train_tokenizer(all_captions(), vocab_size=vocab_size)
-    tokenizer.add_special_tokens({"eos_token": END_OF_TEXT})
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single=f"$A {END_OF_TEXT}", special_tokens=[(END_OF_TEXT, tokenizer.eos_token_id)])
-    tokenizer.model_max_length = MAX_TOKENS
-    return tokenizer
+    return digit_caption_tokenizer(all_captions(), vocab_size=vocab_size)
 
 
 class PairCaptions(DigitCaptions):

@@ -169,12 +169,11 @@ def _schedule(optimizer, steps: int, warmup: int):
 def train_run(kind: str, settings: Settings, data: dict, tokenizer, seed: int) -> dict[str, Any]:
     import vlmdistill
     from vlmdistill.plugins.msd import msd_step
-    from vlmdistill.plugins.msd.digit_captions import tiny_clip
-
     from .digit_pairs import PairCaptions
+    from .msd_recipes import digit_clip
 
     s = settings
-    model = tiny_clip(len(tokenizer), tokenizer.eos_token_id, width=s.width, layers=s.layers, seed=seed,
+    model = digit_clip(len(tokenizer), tokenizer.eos_token_id, width=s.width, layers=s.layers, seed=seed,
                       image_size=s.image_size, patch_size=s.patch_size)
     dataset = PairCaptions(data["train"], data["train_labels"], tokenizer, seed=seed)
     macro = s.micro_batch * s.accumulation
@@ -251,7 +250,7 @@ def _split(batch: dict, size: int) -> list[dict]:
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def _embed(model, tokenizer, images=None, captions=None) -> torch.Tensor:
-    from vlmdistill.plugins.msd.digit_captions import normalise_pixels
+    from vlmdistill.data.digits import normalise_pixels
 
     def features(out):   # transformers 5 returns the projected features as an output's pooler_output
         return getattr(out, "pooler_output", out).float()

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Optional
 
 from vlmdistill.config import PluginConfig, option
+from vlmdistill.data.image_stats import IMAGENET_MEAN, IMAGENET_STD
 from vlmdistill.errors import ConfigError
 
 INSTANCES = ("characters", "slices")
@@ -97,9 +98,9 @@ class CCDConfig(PluginConfig):
         ge=1)
     # --- inputs -----------------------------------------------------------------------------------
     image_mean: tuple[float, float, float] = option(
-        (0.485, 0.456, 0.406), "per-channel mean the pixel_values were normalised with (undone for augmentation)")
+        IMAGENET_MEAN, "per-channel mean the pixel_values were normalised with (undone for augmentation)")
     image_std: tuple[float, float, float] = option(
-        (0.229, 0.224, 0.225), "per-channel std the pixel_values were normalised with")
+        IMAGENET_STD, "per-channel std the pixel_values were normalised with")
     seed: int = option(0, "base seed of the view sampling, mixed with each sample's ccd_seed and the step")
     views: ViewConfig = option(default_factory=ViewConfig, help="view augmentation ranges")
 

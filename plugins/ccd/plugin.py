@@ -50,7 +50,7 @@ class CCDPlugin(DistillationPlugin):
     teacher_policy = "none"
     extra_inputs = ("ccd_seed",)
     demo = "vlmdistill.eval.experiments.ccd:main"
-    recipe_builders = "vlmdistill.plugins.ccd.recipes"
+    recipe_builders = ("vlmdistill.plugins.ccd.recipes", "vlmdistill.eval.experiments.ccd_recipes")
 
     def __init__(self, config: CCDConfig, **runtime: Any) -> None:
         super().__init__(config, **runtime)

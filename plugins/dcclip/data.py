@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmdistill.data.image_text import (OPENAI_MEAN, OPENAI_STD, ClipImageTransform,  # noqa: F401 (re-exported)
-                                        ImageTextCollator, Style, tokenize_caption)
+from vlmdistill.data.image_text import (ClipImageTransform, ImageTextCollator,  # noqa: F401 (re-exported)
+                                        Style, tokenize_caption)
 from vlmdistill.errors import ConfigError, DataError
 from vlmdistill.extras import require
 

@@ -46,7 +46,7 @@ class DCCLIPPlugin(DistillationPlugin):
                     "teacher_attention_mask")
     runtime_args = ("student_tokenizer", "teacher_tokenizer", "data_fingerprint", "open_clip_config")
     demo = "vlmdistill.eval.experiments.dcclip:main"
-    recipe_builders = "vlmdistill.plugins.dcclip.recipes"
+    recipe_builders = ("vlmdistill.plugins.dcclip.recipes", "vlmdistill.eval.experiments.dcclip_recipes")
     #: `vlmdistill cache-teacher RECIPE.yaml`: precompute the teacher features of a recipe's data
     commands = {"cache-teacher": "vlmdistill.plugins.dcclip.recipes:cache_teacher_main"}
 

@@ -1,7 +1,5 @@
 """Recipe builders for `vlmdistill train` and the `vlmdistill cache-teacher RECIPE` command.
 
-* model builder `dcclip-hf-clip`: a randomly initialised transformers CLIP-family model sized by
-  arguments, its vocabulary taken from a local tokenizer folder;
 * data builder `dcclip-image-text`: image–text webdataset shards (see `data.py`), preprocessed and
   tokenised for the student, with the `sample_key` / `augmentation_seed` columns the cache uses.
 
@@ -15,7 +13,7 @@ import argparse
 from typing import Any, Optional
 
 from vlmdistill.errors import ConfigError
-from vlmdistill.recipes import register_data_builder, register_model_builder
+from vlmdistill.recipes import register_data_builder
 
 
 def _tokenizer(path: str):
@@ -24,23 +22,6 @@ def _tokenizer(path: str):
     from vlmdistill.hf import from_local_folder
 
     return from_local_folder(AutoTokenizer, path, role="tokenizer")
-
-
-@register_model_builder("dcclip-hf-clip")
-def build_hf_clip(tokenizer: str, family: str = "clip", hidden: int = 32, layers: int = 2, heads: int = 2,
-                  patch: int = 8, image_size: int = 24, projection: int = 32, max_positions: int = 32, seed: int = 0):
-    """A CLIPModel / AltCLIPModel / ChineseCLIPModel / SiglipModel whose text tower fits `tokenizer`. A CLIP text
-    tower pools at the tokenizer's end-of-text id; one it cannot pool at (XLM-R's `</s>` = 2, which transformers
-    reads as its legacy highest-id rule) is refused, naming the families that pool otherwise."""
-    from .compat import check_eos_pooling
-    from .testing import tiny_hf_clip
-
-    tok = _tokenizer(tokenizer)
-    model = tiny_hf_clip(family, hidden=hidden, layers=layers, heads=heads, patch=patch, image_size=image_size,
-                         vocab=len(tok), max_positions=max_positions, projection=projection,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, seed=seed)
-    check_eos_pooling(model, tok, f"dcclip-hf-clip model (family {family!r})")
-    return model
 
 
 @register_data_builder("dcclip-image-text")
@@ -102,7 +83,7 @@ def cache_teacher_main(argv: list[str] | None = None) -> int:
     import torch
 
     import vlmdistill
-    from vlmdistill.recipes import ModelSpec, _lookup, _DATA_BUILDERS, build_model, load_recipe
+    from vlmdistill.recipes import ModelSpec, build, load_recipe
 
     parser = argparse.ArgumentParser(prog="vlmdistill cache-teacher",
                                      description="Precompute a recipe's teacher features for dcclip stage 1")
@@ -125,12 +106,11 @@ def cache_teacher_main(argv: list[str] | None = None) -> int:
     if not output:
         raise ConfigError("no cache directory: set config.teacher_cache in the recipe or pass --output")
     config.update(teacher_cache=None, stage=1, switch_at_step=None, switch_at_epoch=None)
-    torch.manual_seed(recipe.seed)
-    student = build_model(recipe.student, role="student")
-    teacher = build_model(recipe.teacher, role="teacher")
-    built = _lookup(_DATA_BUILDERS, recipe.data.builder, "data builder")(student, teacher, **recipe.data.kwargs)
-    dataset, collator, runtime = (*built, {}) if len(built) == 2 else built
-    wrapped = vlmdistill.wrap(student, plugin="dcclip", teacher=teacher, config=config, **runtime)
+    # the recipe's models and data, built as `vlmdistill train` builds them, so the cache matches the training
+    built = build(recipe, eval_data=False)
+    dataset, collator = built.train_dataset, built.data_collator
+    wrapped = vlmdistill.wrap(built.student, plugin="dcclip", teacher=built.teacher, config=config,
+                              **built.wrap_kwargs)
 
     def passes():
         for epoch in range(getattr(dataset, "augmentation_seeds", 1)):  # every augmentation the training will see

@@ -45,7 +45,7 @@ class MSDPlugin(DistillationPlugin):
     config_class = MSDConfig
     teacher_policy = "none"
     demo = "vlmdistill.eval.experiments.msd:main"
-    recipe_builders = "vlmdistill.plugins.msd.recipes"
+    recipe_builders = "vlmdistill.eval.experiments.msd_recipes"
     window_on_host = True
 
     def __init__(self, config: MSDConfig, **runtime: Any) -> None:

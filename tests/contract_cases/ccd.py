@@ -17,7 +17,7 @@ def tiny_vit(seed: int = 1):
 
 
 def word_examples(n: int, seed: int) -> list[dict]:
-    from vlmdistill.plugins.ccd.rendering import render_word, to_pixel_values
+    from vlmdistill.data.rendered_words import render_word, to_pixel_values
 
     rng = np.random.default_rng(seed)
     words = [WORDS[int(rng.integers(len(WORDS)))] for _ in range(n)]

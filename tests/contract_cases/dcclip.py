@@ -6,7 +6,8 @@ step 2 of 4) across it."""
 import torch
 
 from contract_cases import ContractCase
-from vlmdistill.plugins.dcclip.testing import tiny_hf_clip, token_batch
+from vlmdistill.eval.tiny_models import tiny_hf_clip
+from image_text_fixtures import token_batch
 
 
 def _examples(n, seed):

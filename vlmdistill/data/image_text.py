@@ -31,10 +31,8 @@ from PIL import Image
 
 from ..errors import ConfigError, DataError
 from ..recipes import register_data_builder
+from .image_stats import HALF_MEAN_STD, OPENAI_MEAN, OPENAI_STD
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-HALF_MEAN_STD = (0.5, 0.5, 0.5)
 Style = Literal["hf", "open_clip"]
 #: width of the byte rows a batch stores sample keys in (UTF-8, zero padded)
 KEY_BYTES = 128

@@ -1,4 +1,4 @@
-"""Real English prose that ships with Python (standard-library docstrings), a tokenizer trained on it,
+"""Real English prose that ships with Python (standard-library docstrings), the byte-level BPE tokenizer trainer,
 and packing into fixed-length causal-LM examples."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import hashlib
 import os
 import re
 import sysconfig
-from typing import Iterable
+from typing import Iterable, Literal, Optional, Sequence
 
 import torch
 
@@ -65,19 +65,49 @@ def split_by_module(items: list[tuple[str, str]], held_out_fraction: float = 0.1
     return train, held
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on `texts`, as a transformers `PreTrainedTokenizerFast`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, *,
+                    special_tokens: Sequence[str] = ("<pad>", "<bos>", "<eos>"), pad_token: str = "<pad>",
+                    bos_token: str = "<bos>", eos_token: str = "<eos>", unk_token: Optional[str] = None,
+                    add_bos_eos: bool = False, model_max_length: Optional[int] = None):
+    """A byte-level BPE tokenizer trained on `texts`, as a transformers `PreTrainedTokenizerFast` (the one trainer
+    of the library's demos and tests; nothing is downloaded). `special_tokens` take the first ids, in order;
+    `add_bos_eos` wraps every encoded text as `bos ... eos`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
+    specials = list(special_tokens)
+    tok = Tokenizer(models.BPE(unk_token=unk_token))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<bos>", "<eos>"]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(texts), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    if add_bos_eos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos_token} $A {eos_token}",
+            special_tokens=[(bos_token, specials.index(bos_token)), (eos_token, specials.index(eos_token))])
+    names = dict(pad_token=pad_token, unk_token=unk_token, bos_token=bos_token, eos_token=eos_token,
+                 model_max_length=model_max_length)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **{k: v for k, v in names.items() if v is not None})
+
+
+#: caption tokenizers' special-token layouts: name -> (special tokens in id order, (pad, unk, bos, eos) names)
+CAPTION_LAYOUTS = {"default": (["<pad>", "<unk>", "<bos>", "<eos>"], ("<pad>", "<unk>", "<bos>", "<eos>")),
+                   "xlm-r": (["<s>", "<pad>", "</s>", "<unk>"], ("<pad>", "<unk>", "<s>", "</s>"))}
+
+
+def train_caption_tokenizer(texts: Iterable[str], vocab_size: int = 320, max_length: int = 32,
+                            layout: Literal["default", "xlm-r"] = "default"):
+    """An English + Chinese caption tokenizer for CLIP text towers: `train_tokenizer` with fixed special ids,
+    <pad>=0, <unk>=1, <bos>=2, <eos>=3, and every caption wrapped in <bos> ... <eos>.
+
+    Byte-level BPE covers any UTF-8 text, so Chinese characters never fall out of the vocabulary. CLIP text towers
+    pool at the first eos; an eos id of 2 would switch transformers' CLIP to its legacy argmax pooling, hence eos=3.
+    `layout="xlm-r"` numbers them as XLM-R does (<s>=0, <pad>=1, </s>=2, <unk>=3: AltCLIP's tokenizer), eos id 2
+    included."""
+    specials, (pad, unk, bos, eos) = CAPTION_LAYOUTS[layout]
+    return train_tokenizer(texts, vocab_size, special_tokens=specials, pad_token=pad, unk_token=unk, bos_token=bos,
+                           eos_token=eos, add_bos_eos=True, model_max_length=max_length)
 
 
 def pack_examples(texts: Iterable[str], tokenizer, block: int, max_blocks: int | None = None) -> torch.Tensor:

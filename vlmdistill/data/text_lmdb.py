@@ -20,13 +20,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from vlmdistill.data.image_stats import IMAGENET_MEAN, IMAGENET_STD
 from vlmdistill.errors import DataError
 from vlmdistill.extras import require
 
 #: the usual 36-character protocol of scene-text benchmarks: case-insensitive, letters and digits only
 CHARSET_36 = "0123456789abcdefghijklmnopqrstuvwxyz"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalise_label(text: str, charset: str = CHARSET_36) -> str:

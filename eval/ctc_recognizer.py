@@ -1,8 +1,8 @@
-"""Downstream use of a CCD-pretrained encoder: export the EMA teacher and fine-tune a small CTC recogniser."""
+"""Downstream use of a pretrained text-image encoder (a CCD teacher): a small CTC recogniser to fine-tune, save and
+evaluate (`vlmdistill eval str`)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -10,42 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import describe_backbone, patch_tokens
-from .vit import CCDViT
+from vlmdistill.data.text_lmdb import CHARSET_36
+from vlmdistill.plugins.ccd.backbones import describe_backbone, patch_tokens
+from vlmdistill.plugins.ccd.vit import CCDViT
 
-DEFAULT_CHARSET = "0123456789abcdefghijklmnopqrstuvwxyz"
 ENCODER_DIR = "encoder"
 HEAD_NAME = "ctc_head.safetensors"
 RECOGNIZER_CONFIG = "recognizer.json"
-
-
-def _plugin_of(wrapped: nn.Module):
-    model = wrapped  # peel DDP / accelerate wrappers
-    while not hasattr(model, "plugin") and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    plugin = getattr(model, "plugin", None)
-    if plugin is None or getattr(plugin, "name", None) != "ccd":
-        raise TypeError(f"expected a model returned by vlmdistill.wrap(..., plugin='ccd'), "
-                        f"got {type(wrapped).__name__}")
-    return plugin
-
-
-def teacher_encoder(wrapped: nn.Module) -> nn.Module:
-    """A trainable copy of the EMA teacher backbone: the encoder to initialise a recogniser from."""
-    encoder = copy.deepcopy(_plugin_of(wrapped).teacher)
-    encoder.requires_grad_(True)
-    return encoder.train()
-
-
-def export_teacher_encoder(wrapped: nn.Module, directory: str) -> str:
-    """Write the EMA teacher backbone in the student's native format (`save_pretrained` for transformers and
-    CCD ViTs, `model.safetensors` otherwise) and return `directory`. It loads like the student class:
-    `CCDViT.from_pretrained(directory)`, `ViTModel.from_pretrained(directory)`."""
-    from vlmdistill.io import save_student
-
-    os.makedirs(directory, exist_ok=True)
-    save_student(_plugin_of(wrapped).teacher, directory)
-    return directory
 
 
 class CTCRecognizer(nn.Module):
@@ -55,7 +26,7 @@ class CTCRecognizer(nn.Module):
     patches a 128-pixel-wide image gives 32 time steps.
     """
 
-    def __init__(self, encoder: nn.Module, charset: str = DEFAULT_CHARSET) -> None:
+    def __init__(self, encoder: nn.Module, charset: str = CHARSET_36) -> None:
         super().__init__()
         self.encoder = encoder
         self.charset = charset

@@ -1,8 +1,15 @@
-"""Tiny, randomly initialised CLIP-family models (built from configs, never downloaded) for the tests,
-the demo and the benchmark."""
+"""Tiny, randomly initialised CLIP-family models, built from configs and never downloaded: the one factory per
+family for the experiments, the benchmarks and the tests.
+
+* `tiny_hf_clip(family)`: a transformers CLIPModel / AltCLIPModel / ChineseCLIPModel / SiglipModel;
+* `tiny_open_clip(kind)`: an open_clip CLIP (ViT or ResNet image tower) from a custom architecture config.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 from typing import Literal
 
 import torch
@@ -12,8 +19,10 @@ HFFamily = Literal["clip", "altclip", "chinese_clip", "siglip"]
 
 def tiny_hf_clip(family: HFFamily = "clip", *, hidden: int = 32, layers: int = 2, heads: int = 2, patch: int = 8,
                  image_size: int = 32, vocab: int = 64, max_positions: int = 40, projection: int = 16,
-                 text_hidden: int | None = None, eos_token_id: int = 3, pad_token_id: int = 0, seed: int = 0):
-    """A transformers CLIPModel / AltCLIPModel / ChineseCLIPModel / SiglipModel with small towers."""
+                 text_hidden: int | None = None, eos_token_id: int = 3, pad_token_id: int = 0,
+                 bos_token_id: int | None = None, text_config: dict | None = None, seed: int = 0):
+    """A transformers CLIP-family model with small towers. A CLIP text tower pools at `eos_token_id`
+    (`bos_token_id` defaults to the id below it); `text_config` sets further text-config fields."""
     import transformers as T
 
     text_hidden = text_hidden or hidden
@@ -22,20 +31,25 @@ def tiny_hf_clip(family: HFFamily = "clip", *, hidden: int = 32, layers: int = 2
     text = dict(hidden_size=text_hidden, intermediate_size=2 * text_hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, vocab_size=vocab, max_position_embeddings=max_positions,
                 pad_token_id=pad_token_id)
+    bos = eos_token_id - 1 if bos_token_id is None else bos_token_id
+    per_family = {
+        "clip": dict(eos_token_id=eos_token_id, bos_token_id=bos),
+        "altclip": dict(project_dim=projection, max_position_embeddings=max_positions + 2),
+        "chinese_clip": {},
+        "siglip": dict(eos_token_id=eos_token_id),
+    }
+    if family not in per_family:
+        raise ValueError(f"unknown family {family!r}; choose one of {', '.join(per_family)}")
+    text.update(per_family[family], **(text_config or {}))
     torch.manual_seed(seed)
     if family == "clip":
-        text.update(eos_token_id=eos_token_id, bos_token_id=eos_token_id - 1)
         return T.CLIPModel(T.CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection))
     if family == "altclip":
-        text.update(project_dim=projection, max_position_embeddings=max_positions + 2)
         return T.AltCLIPModel(T.AltCLIPConfig(text_config=text, vision_config=vision, projection_dim=projection))
     if family == "chinese_clip":
         return T.ChineseCLIPModel(T.ChineseCLIPConfig(text_config=text, vision_config=vision,
                                                       projection_dim=projection))
-    if family == "siglip":
-        text.update(eos_token_id=eos_token_id)
-        return T.SiglipModel(T.SiglipConfig(text_config=text, vision_config=vision))
-    raise ValueError(f"unknown family {family!r}")
+    return T.SiglipModel(T.SiglipConfig(text_config=text, vision_config=vision))
 
 
 def open_clip_config(kind: Literal["vit", "resnet"] = "vit", *, width: int = 32, layers: int = 2, patch: int = 8,
@@ -51,24 +65,14 @@ def open_clip_config(kind: Literal["vit", "resnet"] = "vit", *, width: int = 32,
                 text_cfg=dict(context_length=context, vocab_size=vocab, width=text_width, heads=2, layers=layers))
 
 
-def register_open_clip_config(name: str, config: dict) -> str:
-    """Make a custom architecture creatable by name (`open_clip.create_model(name)`)."""
-    import open_clip
-
-    open_clip.factory._MODEL_CONFIGS[name] = dict(config)  # what add_model_config does for a json file
-    return name
-
-
 def tiny_open_clip(kind: Literal["vit", "resnet"] = "vit", *, seed: int = 0, name: str | None = None, **config):
-    """A randomly initialised open_clip CLIP from a custom config registered under `name`."""
-    import logging
-
+    """(model, name): a randomly initialised open_clip CLIP from `open_clip_config(kind, **config)`, registered
+    under `name` (default: one derived from the config) so `open_clip.create_model(name)` builds it again."""
     import open_clip
+
+    from vlmdistill.eval.elevater.adapters import register_open_clip_config
 
     cfg = open_clip_config(kind, **config)
-    import hashlib
-    import json
-
     name = name or f"dcclip-tiny-{kind}-{hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]}"
     register_open_clip_config(name, cfg)
     torch.manual_seed(seed)
@@ -79,17 +83,3 @@ def tiny_open_clip(kind: Literal["vit", "resnet"] = "vit", *, seed: int = 0, nam
     finally:
         logging.getLogger().setLevel(previous)
     return model, name
-
-
-def token_batch(n: int, length: int = 9, vocab: int = 64, *, seed: int = 0, eos: int = 3, bos: int = 2,
-                min_length: int = 4) -> dict[str, torch.Tensor]:
-    """Right-padded token ids (pad 0) with bos/eos and varying lengths, plus the attention mask."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(n, length, dtype=torch.long)
-    mask = torch.zeros(n, length, dtype=torch.long)
-    for i in range(n):
-        k = int(torch.randint(min_length, length + 1, (1,), generator=g))
-        ids[i, :k] = torch.randint(eos + 1, vocab, (k,), generator=g)
-        ids[i, 0], ids[i, k - 1] = bos, eos
-        mask[i, :k] = 1
-    return {"input_ids": ids, "attention_mask": mask}

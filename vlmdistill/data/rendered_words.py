@@ -1,6 +1,6 @@
 """Offline text images: words rendered with the fonts matplotlib ships (DejaVu, STIX) into 32×128 RGB images.
 
-Used by the demo, the benchmark and the tests; words come from the Python standard library's docstrings.
+Used by the ccd demo, its benchmark and the tests; words come from the Python standard library's docstrings.
 """
 
 from __future__ import annotations
@@ -12,13 +12,11 @@ import re
 import numpy as np
 import torch
 
+from vlmdistill.data.image_stats import IMAGENET_MEAN, IMAGENET_STD, normalise
+from vlmdistill.data.text_lmdb import CHARSET_36
 from vlmdistill.extras import require
 
-from .recognizer import DEFAULT_CHARSET
-
 IMAGE_SIZE = (32, 128)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _FONT_FILES = (
     "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
@@ -80,11 +78,10 @@ def render_words(words: list[str], seed: int, size: tuple[int, int] = IMAGE_SIZE
 
 def to_pixel_values(images: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 `[N, H, W, 3]` -> normalised float `[N, 3, H, W]` (the plugin's default `image_mean`/`image_std`)."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    return normalise(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0, mean, std)
 
 
-def docstring_words(min_len: int = 3, max_len: int = 10, charset: str = DEFAULT_CHARSET) -> tuple[list[str], list[str]]:
+def docstring_words(min_len: int = 3, max_len: int = 10, charset: str = CHARSET_36) -> tuple[list[str], list[str]]:
     """(training words, held-out words) from the standard-library docstrings, split by source module; lower-cased,
     sorted, only characters of `charset`. Held-out words come from modules the training words never saw."""
     from vlmdistill.data.text import split_by_module, stdlib_docstrings
