@@ -166,3 +166,21 @@ def test_ema_teachers_equal_rank_zero_on_every_rank(tmp_path):
             assert torch.equal(a, b)
     for a, b in zip(first["eval"], first["teacher"]):
         assert torch.equal(a, b)  # rank 0's own copy, untouched
+
+
+@pytest.mark.parametrize("plugin", ["msd"])  # ccd's heads compute in fp32 by design (`.float()` tokens)
+def test_ema_teachers_follow_a_cast_of_the_wrapper(plugin):
+    """`wrapped.to(torch.float64)` casts the student; the unregistered EMA copies follow it at the next teacher
+    run, so the float64 forward works."""
+    from contract_cases import load_case
+
+    case = load_case(plugin)
+    student = case.make_student()
+    wrapped = vlmdistill.wrap(student, plugin=plugin, teacher=case.make_teacher(student), **case.config,
+                              **case.runtime)
+    wrapped.to(torch.float64)
+    batch = {k: (v.double() if v.is_floating_point() else v) for k, v in case.batch(4).items()}
+    out = wrapped(**batch)
+    assert torch.isfinite(out.loss) and out.loss.dtype == torch.float64
+    emas = wrapped.plugin._ema_teachers
+    assert emas and all(p.dtype == torch.float64 for ema in emas for p in ema.module.parameters())

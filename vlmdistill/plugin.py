@@ -174,12 +174,19 @@ class DistillationPlugin(nn.Module):
     def ema_teacher(self, source: nn.Module, *, buffers: str = "copy") -> EMATeacher:
         """A momentum teacher: a frozen copy of `source` (the student, or a plugin head) as it is now, moved by
         `update(momentum)` in `on_step_end`. Call it in `setup()`, before the student is hooked or sharded. The
-        plugin keeps it on `source`'s device and, the first time it trains in a process group, equal to rank 0's
-        copy on every rank (`teacher_context` and `update` see to both); `shard_teacher` shards every EMA teacher.
-        Hold its `.module` with `set_teacher` when it is the teacher the plugin runs."""
+        plugin keeps it on `source`'s device and floating dtype and, the first time it trains in a process group,
+        equal to rank 0's copy on every rank (`teacher_context` and `update` see to both); `shard_teacher` shards
+        every EMA teacher. Hold its `.module` with `set_teacher` when it is the teacher the plugin runs."""
         ema = EMATeacher(source, buffers=buffers)
         self._ema_teachers.append(ema)
         return ema
+
+    def prepare_ema_teachers(self, *, collective: bool) -> None:
+        """Every EMA teacher onto its source's device and dtype; with `collective` (every rank calls it), rank 0's
+        values the first time a process group is met. `teacher_context` calls it (collective in training); a
+        plugin whose teacher runs before the student is in training mode (msd's accumulation window) calls it."""
+        for ema in self._ema_teachers:
+            ema.prepare(collective=collective)
 
     def resolve_teacher(self, student: nn.Module, teacher: Any) -> None:
         """Interpret wrap()'s `teacher=` argument. `"base"` = the student's weights with adapters off."""
@@ -203,21 +210,20 @@ class DistillationPlugin(nn.Module):
         self.set_teacher(teacher)
 
     @contextlib.contextmanager
-    def teacher_context(self, grad: bool = False) -> Iterator[nn.Module]:
+    def teacher_context(self, grad: bool | None = False) -> Iterator[nn.Module]:
         """The teacher in eval mode, without autograd; for teacher='base', the student with adapters off.
 
         `grad=True` keeps autograd on (the teacher's parameters stay frozen) for ablations whose loss must
-        flow *through* the teacher into student tensors it consumes. EMA teachers are prepared first (see
-        `ema_teacher`): moved to their source's device and, in training, made equal across ranks."""
+        flow *through* the teacher into student tensors it consumes; `grad=None` keeps the caller's grad mode.
+        EMA teachers are prepared first (`prepare_ema_teachers`, collective in training only)."""
         teacher = self.teacher
         if teacher is None:
             raise RuntimeError(f"plugin {self.name!r} has no teacher")
-        for ema in self._ema_teachers:
-            ema.prepare(collective=self.training)  # evaluation forwards run no collective
+        self.prepare_ema_teachers(collective=self.training)  # evaluation forwards run no collective
         was_training = teacher.training
         teacher.eval()
         try:
-            with torch.set_grad_enabled(grad):
+            with contextlib.nullcontext() if grad is None else torch.set_grad_enabled(grad):
                 if self._teacher_is_student_base:
                     with adapters_disabled(teacher):
                         yield teacher
@@ -284,10 +290,14 @@ class DistillationPlugin(nn.Module):
 
     def shard_teacher(self, placement: str, **fsdp_kwargs: Any) -> None:
         """Shard the teacher for FSDP2 (`vlmdistill.shard(model, teacher=placement)`: 'shard' or 'offload'):
-        every EMA teacher (an EMA head beside an EMA backbone), else the teacher."""
+        every EMA teacher (an EMA head beside an EMA backbone) and a separate teacher, each once."""
         from .sharding import shard_teacher
 
-        for module in [ema.module for ema in self._ema_teachers] or [self.teacher]:
+        modules = [ema.module for ema in self._ema_teachers]
+        if self.teacher is not None and not self._teacher_is_student_base and \
+                all(self.teacher is not m for m in modules):
+            modules.append(self.teacher)
+        for module in modules:
             shard_teacher(module, placement, **fsdp_kwargs)
 
     # ------------------------------------------------------------- persistence

@@ -103,11 +103,13 @@ class EMATeacher:
         from .distributed import is_sharded, is_zero3
 
         if any(is_zero3(p) for p in source.parameters()):
-            raise ValueError("EMATeacher copies the student, but it is already partitioned by DeepSpeed ZeRO-3. "
+            raise ValueError("EMATeacher copies its source (the student or a plugin head), but it is already "
+                             "partitioned by DeepSpeed ZeRO-3. "
                              "transformers builds models partitioned (zero.Init) once TrainingArguments(deepspeed=...) "
                              "with ZeRO-3 exist: build and wrap the student before creating the TrainingArguments")
         if is_sharded(source):
-            raise ValueError("EMATeacher copies the student, but it is already sharded (FSDP2 / ZeRO-3): build the "
+            raise ValueError("EMATeacher copies its source (the student or a plugin head), but it is already "
+                             "sharded (FSDP2 / ZeRO-3): build the "
                              "wrapper with vlmdistill.wrap() before sharding it (accelerate and vlmdistill.shard do)")
         self.buffer_mode = buffers
         self.source = source
@@ -174,12 +176,15 @@ class EMATeacher:
             torch._foreach_lerp_(ts, ss, weight)
 
     def follow(self) -> None:
-        """Move the (unsharded) teacher to the source's device."""
+        """Move the (unsharded) teacher to the source's device and floating dtype (`wrapped.to(torch.bfloat16)`
+        casts the student, not this unregistered copy)."""
         from .distributed import is_sharded
 
-        device = module_device(self.source)
-        if not is_sharded(self.module) and module_device(self.module) != device:
-            self.module.to(device)
+        if is_sharded(self.module):
+            return
+        device, dtype = module_device(self.source), _floating_dtype(self.source)
+        if module_device(self.module) != device or _floating_dtype(self.module) != dtype:
+            self.module.to(device=device, dtype=dtype)  # casts floating tensors only
 
     @torch.no_grad()
     def broadcast(self, src: int = 0) -> None:
@@ -206,6 +211,10 @@ class EMATeacher:
         state = {k: _shard_like(own[k], v.reshape(own[k].shape))  # (a 0-dim value for a held 1-element one)
                  if k in own and is_dtensor(own[k]) and not is_dtensor(v) else v for k, v in state.items()}
         self.module.load_state_dict(state)
+
+
+def _floating_dtype(module: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
 
 
 def _aligned(teacher: torch.Tensor, student: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -280,8 +280,9 @@ class LinguDistillPlugin(DistillationPlugin):
         return hidden[state.layout.distill_slot.to(hidden.device)]
 
     def _teacher_head(self, hidden_rows: torch.Tensor) -> torch.Tensor:
-        # The head runs outside the teacher's forward, under the same context (adapters off for teacher='base')
-        with self.teacher_context(grad=not self.config.detach_shared_kv):
+        # The head runs outside the teacher's forward, under the same context (adapters off for teacher='base');
+        # without detach it keeps the caller's grad mode, as the KD gradient flows through it
+        with self.teacher_context(grad=False if self.config.detach_shared_kv else None):
             return self._teacher_lm.logits(hidden_rows)
 
     @torch.no_grad()

@@ -144,6 +144,9 @@ class MSDPlugin(DistillationPlugin):
 
     # ------------------------------------------------------------- windows
     def on_accumulation_window(self, batches: list[dict[str, Any]]) -> None:
+        # Before the Trainer's model.train(): the window is a training collective, so the EMA copies are made
+        # equal across ranks here, not only in the first training-mode teacher_context
+        self.prepare_ema_teachers(collective=True)
         batches = [{k: v for k, v in b.items() if k not in ("num_items_in_batch",)} for b in batches]
         self._window = self._build_window(batches, gather=True, implicit=False)
 

@@ -6,6 +6,7 @@ The Triton module is imported lazily, on the first Triton call, so `import vlmdi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import os
 from typing import Literal
@@ -43,14 +44,19 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+@functools.lru_cache(maxsize=1)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # ~0.1 ms: once per process, not per attention call
+
+
 def triton_refusal(head_dim: int, dtype: torch.dtype | None, device: torch.device) -> str | None:
     """Why the Triton kernel cannot run this problem, or None where it can. The one policy every caller uses
     (the dispatcher and lingudistill's wrap-time check); `dtype=None` skips the dtype check (not known yet)."""
-    if importlib.util.find_spec("triton") is None:
-        return "the Triton kernel needs the triton package, which is not installed (it has Linux wheels only)"
     if not triton_can_run(device):
         return (f"the Triton kernel needs a CUDA device (or TRITON_INTERPRET=1 set before import on the CPU); "
                 f"got {device}")
+    if not triton_installed():
+        return "the Triton kernel needs the triton package, which is not installed (it has Linux wheels only)"
     if dtype is not None and dtype not in KERNEL_DTYPES:
         return f"the Triton kernel supports float16, bfloat16 and float32 inputs; got {dtype}"
     if not triton_supports_head_dim(head_dim):
