@@ -31,8 +31,16 @@ def _find_wrapper(model: Any) -> DistillationModel | None:
     return inner if isinstance(inner, DistillationModel) else None
 
 
+def _zero3(args) -> bool:
+    config = getattr(args, "hf_deepspeed_config", None)
+    return bool(getattr(args, "deepspeed", None)) and config is not None and config.is_zero3()
+
+
 class DistillationCallback(TrainerCallback):
     """Drives a `vlmdistill.wrap`-ped model inside `transformers.Trainer`."""
+
+    #: set by DistillationTrainerMixin on the callbacks of its own Trainer
+    in_distillation_trainer = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         wrapper = _find_wrapper(model)
@@ -41,9 +49,9 @@ class DistillationCallback(TrainerCallback):
         if wrapper.on_nonfinite == "skip" and getattr(args, "deepspeed", None):
             raise ConfigError("on_nonfinite='skip' cannot drop a step under DeepSpeed (its engine owns the optimizer "
                               "step); use on_nonfinite='raise'")
-        mixin = wrapper.__dict__.get("_in_distillation_trainer", False)
-        if getattr(args, "deepspeed", None) and not mixin:
-            raise ConfigError("under DeepSpeed, train with vlmdistill.DistillationTrainer (or a Trainer with "
+        mixin = self.in_distillation_trainer
+        if _zero3(args) and not mixin:
+            raise ConfigError("under DeepSpeed ZeRO-3, train with vlmdistill.DistillationTrainer (or a Trainer with "
                               "DistillationTrainerMixin): a plain Trainer saves DeepSpeed's gathered state dict, whose "
                               "tied weights share memory (safetensors refuses them at the first checkpoint) and which "
                               "lacks the plugin state")
@@ -113,9 +121,9 @@ class DistillationTrainerMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        wrapper = _find_wrapper(self.model)
-        if wrapper is not None:
-            wrapper.__dict__["_in_distillation_trainer"] = True
+        for callback in self.callback_handler.callbacks:  # this Trainer's own callbacks, not the model's
+            if isinstance(callback, DistillationCallback):
+                callback.in_distillation_trainer = True
         self.add_callback(StageRestartCallback())  # last: after DistillationCallback has ended the step
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
