@@ -334,3 +334,19 @@ def test_metrics_are_logged_beside_the_loss_terms_but_are_no_part_of_them():
     out = wrapped(**case.batch(4, seed=0))
     assert set(out.loss_terms) == {"seg", "distill"} and {"paired_characters", "teacher_entropy"} <= set(out.metrics)
     assert "distill/paired_characters" in wrapped.pop_logged_terms()  # logged as before
+
+
+BENCHES = sorted(p.stem for p in (ROOT / "eval" / "bench").glob("bench_*.py"))
+
+
+@pytest.mark.parametrize("bench", BENCHES)
+def test_every_benchmark_writes_its_numbers_through_the_one_out_flag(bench, tmp_path):
+    """One output flag across benchmarks: `--out DIR` (results.json + results.md), no `--json FILE`."""
+    source = (ROOT / "eval" / "bench" / f"{bench}.py").read_text()
+    assert "add_out_argument(" in source and "write_results(" in source, f"{bench} has no --out DIR"
+    assert '"--json"' not in source
+    from vlmdistill.eval.bench.output import write_results
+
+    write_results(tmp_path / "run", {"ratio": 1.25}, "| step | ratio |\n")
+    assert (tmp_path / "run" / "results.json").read_text().strip() == '{\n  "ratio": 1.25\n}'
+    assert (tmp_path / "run" / "results.md").read_text() == "| step | ratio |\n"

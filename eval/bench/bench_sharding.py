@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from .output import add_out_argument, write_results
+
 
 IMAGE_TOKENS = 4  # a 16-pixel image in 8-pixel patches
 IMAGE_TOKEN_ID = 1
@@ -213,10 +215,13 @@ def _worker(args) -> None:
         results = [None] * dist.get_world_size()
         dist.all_gather_object(results, result)
         if dist.get_rank() == 0:
-            with open(args.out, "w") as fh:
+            with open(args.worker_out, "w") as fh:
                 json.dump(results, fh)
     finally:
         dist.destroy_process_group()
+
+
+INTERNAL = ("worker", "worker_out", "out")  # not passed on to the ranks
 
 
 def main(argv=None) -> int:
@@ -229,7 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=96)
     parser.add_argument("--batch", type=int, default=4, help="rows per rank (the single process takes the same)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", default="", help=argparse.SUPPRESS)
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.worker:
@@ -239,26 +245,29 @@ def main(argv=None) -> int:
     out = os.path.abspath(f"bench_sharding_{os.getpid()}.json")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "vlmdistill.eval.bench.bench_sharding",
-           "--worker", "--out", out, *[f"--{k}={v}" for k, v in vars(args).items() if k not in ("worker", "out")]]
+           "--worker", "--worker-out", out,
+           *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in INTERNAL and v is not None]]
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     with open(out) as fh:
         ranks = json.load(fh)
     os.remove(out)
-    report = {"config": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
+    report = {"config": {k: v for k, v in vars(args).items() if k not in INTERNAL},
               "single_process": single, f"{args.engine}_2_ranks": ranks,
               "time_ratio_change": ranks[0]["time_ratio"] / single["time_ratio"] - 1.0,
               "kv_stash_bound_mib": kv_stash_mib(args)}
     print(json.dumps(report, indent=2))
     r0 = ranks[0]
-    print(f"\nsingle process: distill/plain step time {single['time_ratio']:.3f}")
     engine = {"fsdp2": "FSDP2", "zero3": "ZeRO-3"}[args.engine]
-    print(f"{engine}, 2 ranks: distill/plain step time {r0['time_ratio']:.3f} "
-          f"({100 * report['time_ratio_change']:+.1f}% vs one process)")
-    print(f"per-rank memory (rank 0): plain {r0['total_mib']['plain']:.1f} MiB, "
-          f"distill {r0['total_mib']['distill']:.1f}"
-          f" MiB, extra {r0['extra_mib']:.1f} MiB = teacher shard {r0['teacher_shard_mib']:.1f} MiB + "
-          f"{r0['extra_mib'] - r0['teacher_shard_mib']:.1f} MiB in the step (K/V stash bound "
-          f"{report['kv_stash_bound_mib']:.1f} MiB, one gathered teacher block, teacher activations)")
+    text = "\n".join([
+        f"single process: distill/plain step time {single['time_ratio']:.3f}",
+        f"{engine}, 2 ranks: distill/plain step time {r0['time_ratio']:.3f} "
+        f"({100 * report['time_ratio_change']:+.1f}% vs one process)",
+        f"per-rank memory (rank 0): plain {r0['total_mib']['plain']:.1f} MiB, distill {r0['total_mib']['distill']:.1f}"
+        f" MiB, extra {r0['extra_mib']:.1f} MiB = teacher shard {r0['teacher_shard_mib']:.1f} MiB + "
+        f"{r0['extra_mib'] - r0['teacher_shard_mib']:.1f} MiB in the step (K/V stash bound "
+        f"{report['kv_stash_bound_mib']:.1f} MiB, one gathered teacher block, teacher activations)"])
+    print("\n" + text)
+    write_results(args.out, report, text)
     return 0
 
 
