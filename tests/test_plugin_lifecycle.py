@@ -48,6 +48,7 @@ class SelfEMAPlugin(DistillationPlugin):
 
     def attach(self, student, hooks):
         self.calls.append(("attach",))
+        hooks.forward_hook(student[0], lambda *_: None)  # a copy made after this would carry the hook
 
     def forward(self, student, inputs, extras, num_items_in_batch=None):
         out = self.head(student(inputs["x"]))
@@ -79,6 +80,7 @@ def test_wrap_checks_then_sets_up_then_attaches(self_ema):
     # check_compatibility saw nothing built yet; setup ran on the student before any hook; attach came last
     assert plugin.calls == [("check", [], None), ("setup", 0), ("attach",)]
     assert plugin.student is student
+    assert len(student[0]._forward_hooks) == 1 and not plugin._ema.module[0]._forward_hooks  # copied unhooked
     # the head built in setup is the plugin's: trained, saved as plugin state, its 0-dim-free keys as usual
     assert {n for n, _ in wrapped.named_parameters()} == {"student.0.weight", "student.0.bias",
                                                            "plugin.head.weight", "plugin.head.bias"}
